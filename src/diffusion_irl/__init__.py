@@ -1,0 +1,1 @@
+"""diffusion-irl: sampler tuning by f-divergence inverse RL."""

@@ -1,0 +1,38 @@
+import torch
+import pytest
+
+from diffusion_irl.sampling.schedules import (DiscreteVPSchedule, KarrasSchedule, ddpm_alphas_cumprod, ddpm_timesteps,
+                                              karras_sigmas, vp_sigmas)
+
+
+def test_karras_endpoints_and_monotone():
+    s = karras_sigmas(10, 0.002, 80.0, 7.0)
+    assert len(s) == 11 and s[-1] == 0
+    torch.testing.assert_close(s[0], torch.tensor(80.0, dtype=torch.float64))
+    torch.testing.assert_close(s[-2], torch.tensor(0.002, dtype=torch.float64))
+    assert (s[:-1].diff() < 0).all()
+
+
+def test_vp_schedule_monotone():
+    s = vp_sigmas(18)
+    assert s[-1] == 0 and (s[:-1].diff() < 0).all()
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_discrete_timesteps_match_diffusers(spacing):
+    from diffusers import DDIMScheduler
+
+    for n in (1, 4, 10, 50):
+        sched = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+        sched.set_timesteps(n)
+        torch.testing.assert_close(ddpm_timesteps(n, 1000, spacing), sched.timesteps.long())
+        torch.testing.assert_close(ddpm_alphas_cumprod().double(), sched.alphas_cumprod.double())
+
+
+def test_bad_schedules_fail_early():
+    with pytest.raises(ValueError):
+        KarrasSchedule(sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError):
+        DiscreteVPSchedule(spacing="sideways")
+    with pytest.raises(ValueError):
+        karras_sigmas(0)
