@@ -36,3 +36,14 @@ def wide_mixture() -> GaussianMixture:
 @pytest.fixture
 def oracle(law) -> AnalyticDenoiser:
     return AnalyticDenoiser(law)
+
+
+@pytest.fixture(autouse=True)
+def _reset_hydra():
+    """Tests that compose configs set Hydra's global state; clear it so no test sees another's run directory."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()

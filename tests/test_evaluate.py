@@ -1,0 +1,82 @@
+"""The evaluator end to end on a tiny configuration, and its refusal of bad configs."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffusion_irl.config import ConfigError
+from diffusion_irl.evaluate import run
+
+from .conftest import ROOT
+from .helpers import compose_config
+
+SMALL = ["evaluate.num_samples=300", "evaluate.num_heldout=500", "evaluate.seeds=[0,1]", "evaluate.nfe=[3,8]",
+         "evaluate.progress=false", "data.n_train=100", "data.n_heldout=500"]
+
+
+def test_evaluate_writes_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("evaluate", SMALL + ["evaluate.samplers=[euler,heun,ddpm,restart]"])
+    rows = run(cfg)
+    with open(tmp_path / "results.csv") as f:
+        data = list(csv.DictReader(f))
+    assert list(data[0]) == ["sampler", "nfe", "seed", "metric", "value"]
+    samplers = {d["sampler"] for d in data}
+    assert samplers == {"reference", "euler", "heun", "ddpm", "restart"}
+    # the NFE column is the counted NFE, never above the budget: heun fits 3 (2 steps) and 7 (4 steps)
+    assert {int(d["nfe"]) for d in data if d["sampler"] == "heun"} == {3, 7}
+    assert {int(d["nfe"]) for d in data if d["sampler"] == "euler"} == {3, 8}
+    assert {int(d["nfe"]) for d in data if d["sampler"] == "restart"} == {7}  # 2 main steps (3) + 1 restart of 2 Heun steps (4)
+    assert {d["seed"] for d in data} == {"0", "1"}
+    metrics = {d["metric"] for d in data}
+    assert {"mmd", "sliced_w2", "w2", "precision", "recall", "nll", "mode_coverage"} <= metrics
+    table = (tmp_path / "results.md").read_text()
+    assert "| reference |" in table and "±" in table
+    assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 10_000
+    assert len(rows) == len(data)
+    # more NFE helps Euler on the exact denoiser
+    mmd = {int(d["nfe"]): float(d["value"]) for d in data if d["sampler"] == "euler" and d["metric"] == "mmd" and d["seed"] == "0"}
+    assert mmd[8] < mmd[3]
+
+
+def test_same_noise_for_every_sampler(tmp_path, monkeypatch):
+    """DDIM with eta 0 on the Karras schedule is Euler: with common random numbers their rows are identical."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("evaluate", SMALL + [
+        "evaluate.samplers=[euler,euler_ancestral]", "samplers.euler_ancestral.eta=0.0", "evaluate.reference=false"])
+    rows = run(cfg)
+    by = {(r.sampler, r.nfe, r.seed, r.metric): r.value for r in rows if r.metric != "sample_seconds"}
+    for (s, nfe, seed, m), v in by.items():
+        if s == "euler":
+            assert by[("euler_ancestral", nfe, seed, m)] == pytest.approx(v, abs=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["evaluate.samplers=[heun,nope]"], "unknown sampler"),
+    (["evaluate.nfe=[0,8]"], "positive integers"),
+    (["evaluate.num_samples=1"], "num_samples"),
+    (["data=checkerboard"], "Gaussian-mixture"),
+    (["samplers.heun.schedule.sigma_min=-1"], "samplers.heun"),
+    (["samplers.ddim.eta=-0.5"], "eta"),
+])
+def test_bad_config_fails_before_compute(override, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("evaluate", SMALL + override)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "diffusion_irl.evaluate", "evaluate.nfe=[-4]", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: evaluate.nfe")
+    assert "Traceback" not in proc.stderr
+    # an unknown key is refused by Hydra itself, also before any compute
+    proc = subprocess.run([sys.executable, "-m", "diffusion_irl.evaluate", "evaluate.nfee=[4]", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode != 0 and "nfee" in proc.stderr
