@@ -126,3 +126,17 @@ def test_checkpoint_of_other_data_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="shape"):
         run(compose_config("evaluate", ["data=digits", "denoiser=checkpoint", f"denoiser.path={ckpt}"],
                            output_dir=tmp_path / "ev"))
+
+
+def test_evaluate_logs_to_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_config("evaluate", SMALL + ["evaluate.samplers=[euler]", "evaluate.seeds=[0]", "logger=wandb"],
+                         output_dir=tmp_path)
+    run(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = [p.name for p in runs[0].rglob("*")]
+    assert any(name.endswith(".wandb") for name in files)
+    assert any("quality_vs_nfe" in name for name in files), files
