@@ -161,7 +161,9 @@ class VPEpsDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None) -> Tensor:
         _check_shape(x, self.shape, "VPEpsDenoiser")
         s = batch_sigma(sigma, x)
-        t = self.sigma_to_t(s)
+        # One noise level for the whole batch (a scalar expanded to [B], as the samplers pass it): t(sigma) once.
+        shared = s.numel() > 1 and s.stride(0) == 0
+        t = self.sigma_to_t(s[:1]).expand(s.shape) if shared else self.sigma_to_t(s)
         dtype = _param_dtype(self.eps_model, x.dtype)
         x_vp = x / append_dims((1 + s**2).sqrt(), x.ndim)
         kwargs = {} if class_labels is None else {"class_labels": class_labels}

@@ -164,7 +164,7 @@ def sample_heun(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor
 def sample_ancestral(D: Denoiser, x: Tensor, sigmas: Tensor, noise, eta: float = 1.0, callback=None) -> Tensor:
     """DDPM ancestral (eta 1), DDIM(eta), Euler-ancestral: all are this update in sigma-space. NFE = steps."""
     for i in range(len(sigmas) - 1):
-        eps = noise.step(i, x)
+        eps = noise.step(i, x) if eta > 0 else torch.zeros_like(x)  # eta = 0 (DDIM): sigma_up = 0, nothing to draw
         x_next, den, mean, std = ancestral_step(D, x, sigmas[i], sigmas[i + 1], eps, eta)
         _call(callback, x=x, sigma=_s(sigmas[i], x), step=i, sigma_next=_s(sigmas[i + 1], x), x_next=x_next,
               denoised=den, mean=mean, std=std, noised=x_next, kind="ancestral")
