@@ -138,26 +138,27 @@ def _call(callback, **kw):
         callback(StepInfo(**kw))
 
 
+def _ode_loop(step_fn, kind: str, D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
+    """Apply a deterministic single-step solver ``step_fn(D, x, sigma, sigma_next) -> (x_next, denoised)`` along
+    ``sigmas``."""
+    for i in range(len(sigmas) - 1):
+        x_next, den = step_fn(D, x, sigmas[i], sigmas[i + 1])
+        _call(callback, x=x, sigma=_s(sigmas[i], x), step=i, sigma_next=_s(sigmas[i + 1], x), x_next=x_next,
+              denoised=den, kind=kind)
+        x = x_next
+    return x
+
+
 @torch.no_grad()
 def sample_euler(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
     """Euler on the probability-flow ODE (= DDIM with eta 0). NFE = number of steps."""
-    for i in range(len(sigmas) - 1):
-        x_next, den = euler_step(D, x, sigmas[i], sigmas[i + 1])
-        _call(callback, x=x, sigma=_s(sigmas[i], x), step=i, sigma_next=_s(sigmas[i + 1], x), x_next=x_next,
-              denoised=den, kind="euler")
-        x = x_next
-    return x
+    return _ode_loop(euler_step, "euler", D, x, sigmas, callback)
 
 
 @torch.no_grad()
 def sample_heun(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
     """EDM Algorithm 1 (Heun, 2nd order). NFE = 2 * steps - 1."""
-    for i in range(len(sigmas) - 1):
-        x_next, den = heun_step(D, x, sigmas[i], sigmas[i + 1])
-        _call(callback, x=x, sigma=_s(sigmas[i], x), step=i, sigma_next=_s(sigmas[i + 1], x), x_next=x_next,
-              denoised=den, kind="heun")
-        x = x_next
-    return x
+    return _ode_loop(heun_step, "heun", D, x, sigmas, callback)
 
 
 @torch.no_grad()
