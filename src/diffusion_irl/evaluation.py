@@ -283,8 +283,7 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
     net = train_feature_classifier(datamodule.train_samples(), datamodule.train_labels(), heldout,
                                    datamodule.heldout_labels(n), datamodule.num_classes, epochs=classifier_epochs,
                                    cache_path=cache)
-    log.info("feature classifier held-out accuracy: %.4f", net.val_accuracy)
-    print(f"feature classifier ({datamodule.name}): held-out accuracy {net.val_accuracy:.4f}")
+    # train_feature_classifier prints the held-out accuracy (also when loaded from the cache)
 
     def score(x: Tensor, seed: int) -> dict[str, float]:
         metrics = image_metrics(x, heldout, net)
