@@ -8,6 +8,7 @@ import pytest
 
 from diffusion_irl.config import ConfigError
 from diffusion_irl.evaluate import run
+from diffusion_irl.evaluation import read_csv
 
 from .conftest import ROOT
 from .helpers import compose_config
@@ -36,6 +37,7 @@ def test_evaluate_writes_results(tmp_path, monkeypatch):
     assert "| reference |" in table and "±" in table
     assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 10_000
     assert len(rows) == len(data)
+    assert read_csv(tmp_path / "results.csv") == rows  # the CSV round-trips exactly (values written with repr)
     # more NFE helps Euler on the exact denoiser
     mmd = {int(d["nfe"]): float(d["value"]) for d in data if d["sampler"] == "euler" and d["metric"] == "mmd" and d["seed"] == "0"}
     assert mmd[8] < mmd[3]
