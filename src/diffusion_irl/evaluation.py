@@ -283,8 +283,10 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
                                    cache_path=cache)
     # train_feature_classifier prints the held-out accuracy (also when loaded from the cache)
 
+    image_cache: dict = {}  # held-out features and Fréchet statistics, computed once for every sampler
+
     def score(x: Tensor, seed: int) -> dict[str, float]:
-        metrics = image_metrics(x, heldout, net)
+        metrics = image_metrics(x, heldout, net, cache=image_cache)
         fid = inception_fid(x, heldout, inception_weights) if inception_weights else None
         if fid is not None:
             metrics["fid"] = fid

@@ -97,3 +97,18 @@ def test_inception_fid_without_weights_is_none(tmp_path):
     x = torch.zeros(4, 1, 8, 8)
     assert inception_fid(x, x, None) is None
     assert inception_fid(x, x, tmp_path / "pt_inception-2015-12-05-6726825d.pth") is None
+
+
+def test_image_metrics_cache_gives_identical_results(trained):
+    model = trained[0]
+    heldout, _ = patches(300, [0, 1, 2, 3], seed=20)
+    first, _ = patches(200, [0, 1, 2, 3], seed=21)
+    second, _ = patches(200, [0, 1, 2], seed=22)
+    cache: dict = {}
+    for x in (first, second, first):  # the third call reuses held-out statistics after another sample set
+        plain = image_metrics(x, heldout, model)
+        cached = image_metrics(x, heldout, model, cache=cache)
+        assert cached.keys() == plain.keys()
+        for k in plain:
+            assert cached[k] == pytest.approx(plain[k], rel=1e-9, abs=1e-12), k
+    assert len(cache) == 1

@@ -211,6 +211,7 @@ def image_metrics(
     prdc_points: int = 2000,
     batch_size: int = 500,
     generator: torch.Generator | None = None,
+    cache: dict | None = None,
 ) -> dict[str, float]:
     """Frechet distance and k-NN precision / recall / density / coverage in ``feature_net.features``.
 
@@ -219,6 +220,8 @@ def image_metrics(
     ``min(prdc_points, N_finite, M)`` rows of each set (seeded subsample; ``generator=None`` is seed 0).
     Samples are clamped to [-1, 1]; images with a non-finite pixel are dropped and counted in ``nonfinite``; with
     fewer than 2 finite samples every other key is NaN.
+    ``cache``: a dict the caller keeps across calls with the same ``heldout`` and ``feature_net`` (neither may change
+    in between): the held-out features and their Fréchet statistics are then computed once. Same results either way.
     """
     x, nonfinite = _finite_images(samples.detach())
     out: dict[str, float] = {"nonfinite": nonfinite}
@@ -227,14 +230,21 @@ def image_metrics(
     was_training = feature_net.training
     feature_net.eval()
     device = _device(feature_net)
-    extractor = _RecordingFeatures(feature_net)
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True).to(device)
-    for images, real in ((heldout.detach().clamp(-1, 1), True), (x, False)):
+    def feed(images: Tensor, real: bool) -> Tensor:
         for i in range(0, len(images), batch_size):
             fid.update((images[i : i + batch_size].to(device, torch.float32) + 1) / 2, real=real)
-        if real:
-            real_feats = extractor.take()
-    fake_feats = extractor.take()
+        return extractor.take()
+
+    if cache is not None and "image_metrics_real" in cache:
+        fid, extractor, real_feats = cache["image_metrics_real"]
+        fid.reset()  # drops the previous samples' statistics, keeps the held-out ones (reset_real_features=False)
+    else:
+        extractor = _RecordingFeatures(feature_net)
+        fid = FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=False).to(device)
+        real_feats = feed(heldout.detach().clamp(-1, 1), real=True)
+        if cache is not None:
+            cache["image_metrics_real"] = (fid, extractor, real_feats)
+    fake_feats = feed(x, real=False)
     out["fd"] = float(fid.compute())
     feature_net.train(was_training)
 
