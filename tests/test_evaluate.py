@@ -142,3 +142,16 @@ def test_evaluate_logs_to_wandb_offline(tmp_path, monkeypatch):
     files = [p.name for p in runs[0].rglob("*")]
     assert any(name.endswith(".wandb") for name in files)
     assert any("quality_vs_nfe" in name for name in files), files
+
+
+def test_evaluate_prepares_data_before_setup(tmp_path, monkeypatch):
+    """Like Lightning, the evaluator calls prepare_data() (where data.download=true downloads) before setup()."""
+    from diffusion_irl.data.datamodules import ToyDataModule
+
+    calls = []
+    monkeypatch.setattr(ToyDataModule, "prepare_data", lambda self: calls.append("prepare"))
+    original_setup = ToyDataModule.setup
+    monkeypatch.setattr(ToyDataModule, "setup", lambda self, stage=None: (calls.append("setup"), original_setup(self, stage)))
+    monkeypatch.chdir(tmp_path)
+    run(compose_config("evaluate", SMALL + ["evaluate.samplers=[euler]", "evaluate.seeds=[0]"]))
+    assert calls and calls[0] == "prepare" and "setup" in calls

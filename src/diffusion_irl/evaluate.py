@@ -51,6 +51,7 @@ def run(cfg: DictConfig):
     """Compose -> instantiate -> evaluate -> write. Returns the result rows."""
     check_evaluate_config(cfg)
     datamodule = build(cfg, "data")
+    datamodule.prepare_data()  # as Lightning does before setup(): downloads when data.download=true
     samplers = {name: build(cfg, f"samplers.{name}") for name in cfg.evaluate.samplers}
     denoiser = build(cfg, "denoiser")
     check_shapes(denoiser, datamodule)
