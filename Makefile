@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m diffusion_irl.evaluate $(ARGS)
+	$(PY) -m diffusion_irl.train $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

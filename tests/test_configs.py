@@ -168,3 +168,151 @@ def test_discriminator_configs(name, data, spectral_norm, tmp_path):
 
 cover("discriminator/mlp.yaml", "discriminator/cnn.yaml", "train_discriminator.yaml")
 # ---- end: discriminator and discriminator guidance ----------------------------------------------------------------
+
+
+# ---- begin: the RL loop (train.py, mdp/, rl/: train.yaml, policy/, reward/, algo/, trainer/rl*, experiment/,
+# denoiser/cached_*) -------------------------------------------------------------------------------------------------
+# Experiments are selected with `experiment=<name>`: train.yaml lists `experiment: null` in its defaults, so Hydra
+# refuses `+experiment=<name>` (see tests/test_train.py).
+RL_QUIET = ["logger=none", "denoiser=analytic"]
+POLICY_SETUP = {  # the base sampler / MDP each policy file is meant for (see its header comment)
+    "churn": ["sampler@mdp.base=edm_sde"],
+    "guidance": ["mdp.guidance=dg"],
+    "transition": ["sampler@mdp.base=ddpm"],
+}
+
+
+@pytest.fixture
+def rl_one_thread():
+    """Tiny networks: intra-op threads only contend on a small shared machine (pretraining took 0.5 s vs 7-13 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rl_state(shape, horizon):
+    from diffusion_irl.mdp.policies import State
+
+    return State(x=torch.randn(4, *shape), sigma=torch.full((4,), 1.0), k=torch.full((4,), horizon - 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", cover("train.yaml"))
+def test_train_config(name, tmp_path):
+    from diffusion_irl.mdp.env import SamplingMDP
+    from diffusion_irl.mdp.policies import KnobPolicy
+    from diffusion_irl.train import check_train_config
+
+    cfg = compose_config("train", RL_QUIET, output_dir=tmp_path)
+    check_train_config(cfg)
+    mdp, policy = build(cfg, "mdp"), build(cfg, "policy")
+    assert isinstance(mdp, SamplingMDP) and isinstance(policy, KnobPolicy) and mdp.planned_nfe() == cfg.mdp.nfe == 10
+    mdp.setup_policy(policy, tuple(cfg.data.shape))
+    assert build(cfg, "discriminator").shape == tuple(cfg.data.shape)
+    assert build(cfg, "checkpoint").dirpath == str(tmp_path / "checkpoints")
+    for sampler in cfg.compare.samplers:
+        assert build(cfg, f"samplers.{sampler}").steps_for_budget(mdp.planned_nfe()) is not None
+    assert compose_config("train", output_dir=tmp_path).denoiser._target_.endswith("cached_denoiser")
+
+
+@pytest.mark.parametrize("name", cover(*[f"policy/{n}.yaml" for n in group("policy")]))
+def test_policy_configs(name, tmp_path):
+    stem = Path(name).stem
+    cfg = compose_config("train", [*RL_QUIET, f"policy={stem}", *POLICY_SETUP.get(stem, [])], output_dir=tmp_path)
+    mdp, policy = build(cfg, "mdp"), build(cfg, "policy")
+    shape = tuple(cfg.data.shape)
+    mdp.setup_policy(policy, shape)
+    assert policy.horizon == mdp.horizon and policy.sigma_data == cfg.data.sigma_data
+    if stem == "transition":
+        assert policy.eval_mode == "sample" and mdp.eta == 1.0
+        torch.testing.assert_close(policy.schedule()["sigma_next"][:-1], mdp.ref_sigmas[1:-1].float())
+        return
+    assert set(policy.names) == set(cfg.policy.knobs)
+    refs = mdp.references(policy.knobs)
+    for knob, sched in policy.schedule().items():  # the policy starts at the base sampler's knob values
+        k = policy.knobs[knob]
+        if k.discrete:
+            grid = torch.tensor(k.grid_values())
+            want, tol = grid[(grid.unsqueeze(0) - refs[knob].unsqueeze(1)).abs().argmin(1)], 1e-6
+        else:  # a continuous knob's initial mode is kept 1e-3 of the range inside its bounds (e.g. dg guidance 0)
+            want, tol = refs[knob], 1.01e-3 * (k.high - k.low)
+        torch.testing.assert_close(sched, want.float(), atol=tol, rtol=0)
+    action = policy.act(_rl_state(shape, mdp.horizon))
+    assert torch.isfinite(action.logp).all() and set(action.values) == set(policy.names)
+
+
+@pytest.mark.parametrize("name", cover(*[f"reward/{n}.yaml" for n in group("reward")]))
+def test_reward_configs(name, tmp_path):
+    from diffusion_irl.rl.rewards import Reward
+
+    stem = Path(name).stem
+    cfg = compose_config("train", [*RL_QUIET, f"reward={stem}"], output_dir=tmp_path)
+    reward = build(cfg, "reward")
+    assert isinstance(reward, Reward) and reward.divergence == stem
+    r = reward(torch.linspace(-20, 20, 41))
+    assert torch.isfinite(r).all() and bool((r[1:] >= r[:-1]).all())  # more "data-like" states earn more
+    assert reward.weights(5).shape == (5,)
+
+
+@pytest.mark.parametrize("name", cover(*[f"algo/{n}.yaml" for n in group("algo")]))
+def test_algo_configs(name, tmp_path):
+    from diffusion_irl.rl.ppo import PPO
+
+    stem = Path(name).stem
+    cfg = compose_config("train", [*RL_QUIET, f"algo={stem}"], output_dir=tmp_path)
+    algo = build(cfg, "algo")
+    assert isinstance(algo, PPO) and algo.baseline == ("value" if stem == "ppo_value" else "mean")
+    assert algo.clip_eps == cfg.algo.clip_eps and algo.lr == cfg.algo.lr
+
+
+@pytest.mark.parametrize("name", cover("trainer/rl.yaml", "trainer/rl_ddp.yaml"))
+def test_rl_trainer_configs(name, tmp_path):
+    stem = Path(name).stem
+    extra = ["trainer.accelerator=cpu", "trainer.devices=2"] if stem == "rl_ddp" else []
+    cfg = compose_config("train", [*RL_QUIET, f"trainer={stem}", *extra], output_dir=tmp_path)
+    trainer = build(cfg, "trainer", callbacks=[build(cfg, "checkpoint")], logger=False, max_epochs=3)
+    assert trainer.max_epochs == 3 and trainer.max_steps == -1 and trainer.limit_val_batches == 0
+    if stem == "rl_ddp":
+        assert trainer.num_devices == 2 and trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
+
+
+@pytest.mark.parametrize("name", cover(*[f"experiment/{n}.yaml" for n in group("experiment")]))
+def test_experiment_configs(name, tmp_path):
+    from diffusion_irl.train import check_train_config
+
+    stem = Path(name).stem
+    cfg = compose_config("train", ["logger=none", f"experiment={stem}"], output_dir=tmp_path)
+    check_train_config(cfg)
+    mdp, policy = build(cfg, "mdp"), build(cfg, "policy")
+    mdp.setup_policy(policy, tuple(cfg.data.shape))
+    assert mdp.planned_nfe() <= cfg.mdp.nfe
+    build(cfg, "reward"), build(cfg, "algo")
+    assert build(cfg, "discriminator").shape == tuple(cfg.data.shape)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("denoiser/cached_mlp.yaml", ["data=gmm8", "denoiser.module.net.hidden=32", "denoiser.module.net.depth=1",
+                                  "denoiser.module.net.emb_dim=16", "denoiser.max_steps=5"]),
+    ("denoiser/cached_unet.yaml", ["data=digits", "denoiser.module.net.base_channels=8",
+                                   "denoiser.module.net.emb_dim=16", "denoiser.max_steps=2"]),
+])
+def test_cached_denoiser_configs(name, overrides, tmp_path, rl_one_thread):
+    from diffusion_irl.denoisers import EDMPrecond
+
+    cover(name)
+    stem = Path(name).stem
+    args = ["logger=none", f"denoiser={stem}", f"denoiser.cache_dir={tmp_path / 'cache'}", "+denoiser.progress=false",
+            *overrides]
+    cfg = compose_config("train", args, output_dir=tmp_path)
+    D = build(cfg, "denoiser")  # pretrains for max_steps and caches
+    cached = list((tmp_path / "cache").glob("denoiser_*.ckpt"))
+    assert len(cached) == 1 and isinstance(D, EDMPrecond) and D.shape == tuple(cfg.data.shape)
+    assert D.num_classes == cfg.data.num_classes
+    build(cfg, "denoiser")  # the second use loads the cache
+    assert list((tmp_path / "cache").glob("denoiser_*.ckpt")) == cached
+    x = torch.randn(2, *D.shape)
+    assert D(x, torch.tensor([0.5, 2.0])).shape == x.shape
+
+
+cover("denoiser/cached_mlp.yaml", "denoiser/cached_unet.yaml")
+# ---- end: the RL loop -----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffusion_irl.rl.ppo import per_step_advantages, ppo_loss
+from diffusion_irl.rl.ppo import PPO, explained_variance, gae, per_step_advantages, ppo_loss
 from diffusion_irl.rl.rewards import (Reward, f_divergence_generator, returns_to_go, reward_from_logit,
                                       step_weights)
 
@@ -108,3 +108,34 @@ def test_reward_gives_the_f_divergence_policy_gradient(name):
     r = reward_from_logit(name, log_q - log_p(theta))
     estimate = -float((log_p(theta).exp() * r * (x[:, 0] - theta)).sum() * dx)
     assert estimate == pytest.approx(numeric, rel=1e-4, abs=1e-6)
+
+
+def test_gae_limits_and_value_targets():
+    """lambda = 1: advantages are returns-to-go minus V; lambda = 0: one-step TD errors; targets = A + V."""
+    torch.manual_seed(0)
+    r, v = torch.randn(7, 5), torch.randn(7, 5)
+    adv1, target1 = gae(r, v, lam=1.0)
+    torch.testing.assert_close(adv1, returns_to_go(r, torch.ones(5)) - v)
+    torch.testing.assert_close(target1, returns_to_go(r, torch.ones(5)))
+    adv0, _ = gae(r, v, lam=0.0)
+    v_next = torch.cat([v[:, 1:], torch.zeros(7, 1)], 1)
+    torch.testing.assert_close(adv0, r + v_next - v)
+    with pytest.raises(ValueError, match="lambda"):
+        gae(r, v, lam=1.5)
+
+
+def test_explained_variance_and_ppo_config():
+    y = torch.randn(100)
+    assert float(explained_variance(y, y)) == pytest.approx(1.0)
+    assert float(explained_variance(torch.zeros(100), y)) == pytest.approx(0.0, abs=0.05)
+    for bad in ({"baseline": "median"}, {"clip_eps": 0}, {"epochs": 0}, {"lr": -1.0}, {"gae_lambda": 2.0}):
+        with pytest.raises(ValueError):
+            PPO(**bad)
+
+
+def test_reward_weighting_and_nfe_cost_validation():
+    assert Reward(weighting="terminal").weights(4).tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match="weighting"):
+        Reward(weighting="sometimes")
+    with pytest.raises(ValueError, match="nfe_cost"):
+        Reward(nfe_cost=-1.0)

@@ -61,9 +61,9 @@ def generate(sampler: Sampler, denoiser: Callable, shape: Sequence[int], steps: 
         n = min(batch_size, num_samples - start)
         noise = NoiseStream(seed * 1_000_003 + c, device=device)
         res = sampler.sample(denoiser, (n, *shape), steps, noise)
-        if nfe is not None and res.nfe != nfe:
+        if nfe is not None and res.nfe != nfe and not getattr(sampler, "variable_nfe", False):
             raise RuntimeError(f"{sampler.name}: chunks used different NFE ({nfe} vs {res.nfe})")
-        nfe = res.nfe
+        nfe = res.nfe if nfe is None else max(nfe, res.nfe)  # samplers with per-sample NFE (renoise): the largest
         out.append(res.x.detach().float().cpu())
     return torch.cat(out), int(nfe)
 
@@ -252,14 +252,21 @@ def write_outputs(rows: Sequence[Row], out_dir: Path, title: str = "", sampler_o
 # --- scoring -------------------------------------------------------------------------------------------------------
 
 def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | Path | None = None,
-               inception_weights: str | None = None, classifier_epochs: int = 5) -> Callable[[Tensor, int], dict[str, float]]:
+               inception_weights: str | None = None, classifier_epochs: int = 5,
+               split: str = "heldout") -> Callable[[Tensor, int], dict[str, float]]:
     """The metric function for a datamodule: 2D/vector data -> ``metrics.samples.sample_metrics`` against held-out
     data (plus exact-law metrics when the law is known); images -> Fréchet distance and precision / recall in the
-    features of a classifier trained on the training split (cached), plus Inception FID when weights are local."""
+    features of a classifier trained on the training split (cached), plus Inception FID when weights are local.
+
+    ``split="train"`` scores against (the first ``num_heldout`` points of) the training split instead: for model
+    selection (the grid search), so that the held-out split is only ever used for the final comparison."""
+    if split not in ("heldout", "train"):
+        raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
     datamodule.setup()
-    available = len(datamodule.heldout())
+    pool = datamodule.heldout if split == "heldout" else datamodule.train_samples
+    available = len(pool())
     n = available if num_heldout is None else min(int(num_heldout), available)
-    heldout = datamodule.heldout(n)
+    heldout = pool(n)
     if len(datamodule.shape) == 1:
         from diffusion_irl.metrics.samples import sample_metrics
 
@@ -278,8 +285,9 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
     if feature_cache is not None:
         cache = Path(feature_cache) / f"feature_classifier_{datamodule.name}_{'x'.join(map(str, datamodule.shape))}.pt"
         cache.parent.mkdir(parents=True, exist_ok=True)
-    net = train_feature_classifier(datamodule.train_samples(), datamodule.train_labels(), heldout,
-                                   datamodule.heldout_labels(n), datamodule.num_classes, epochs=classifier_epochs,
+    n_val = min(n, len(datamodule.heldout()))
+    net = train_feature_classifier(datamodule.train_samples(), datamodule.train_labels(), datamodule.heldout(n_val),
+                                   datamodule.heldout_labels(n_val), datamodule.num_classes, epochs=classifier_epochs,
                                    cache_path=cache)
     # train_feature_classifier prints the held-out accuracy (also when loaded from the cache)
 

@@ -166,3 +166,37 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, map_location: str |
     net.load_state_dict(state)
     net.to(map_location)
     return EDMPrecond(net, hp["sigma_data"], hp["shape"]).requires_grad_(False).eval()
+
+
+def cached_denoiser(data: Mapping, module: Mapping, max_steps: int = 2000, cache_dir: str | os.PathLike = ".cache/diffusion_irl/denoisers",
+                    seed: int = 0, ema: bool = True, map_location: str | torch.device = "cpu",
+                    progress: bool = True) -> EDMPrecond:
+    """A denoiser pretrained by our own EDM training (``module``: a DenoiserModule config, ``data``: a datamodule
+    config), trained on first use and cached under ``cache_dir`` by a hash of both configs, the steps and the seed.
+
+    The embedded default of ``python -m diffusion_irl.train`` uses it so that one command works from a fresh clone;
+    for real runs pretrain once with ``python -m diffusion_irl.pretrain`` and pass ``denoiser=checkpoint``. Under
+    multi-process DDP, warm the cache with a single process first (ranks do not wait for each other here)."""
+    import hashlib
+    import json
+
+    if int(max_steps) < 1:
+        raise ValueError(f"denoiser.max_steps must be >= 1, got {max_steps}")
+    data_cfg, module_cfg = _plain(data), _plain(module)
+    key = json.dumps({"data": data_cfg, "module": module_cfg, "max_steps": int(max_steps), "seed": int(seed)}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = os.path.join(os.fspath(cache_dir), f"denoiser_{digest}.ckpt")
+    if not os.path.isfile(path):
+        print(f"pretraining the denoiser for {max_steps} steps (cached for later runs at {path})")
+        L.seed_everything(int(seed), workers=True, verbose=False)
+        datamodule = hydra.utils.instantiate(data_cfg)
+        denoiser_module = hydra.utils.instantiate(module_cfg, _recursive_=False)
+        trainer = L.Trainer(max_steps=int(max_steps), max_epochs=-1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=progress, enable_model_summary=False, accelerator="auto", devices=1,
+                            limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(denoiser_module, datamodule=datamodule)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, path)  # atomic: a half-written file is never picked up
+    return load_denoiser(path, ema=ema, map_location=map_location)

@@ -49,3 +49,69 @@ def ppo_loss(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip_eps: f
         diag["ppo/entropy"] = ent.detach()
     diag["ppo/policy_loss"] = -surrogate.mean().detach()
     return loss, diag
+
+
+def gae(rewards: Tensor, values: Tensor, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation with discount 1 over a finite horizon: ``rewards[b, k]`` is the (weighted)
+    reward of action k, ``values[b, k] = V(s_k)``, ``V(s_N) = 0``. Returns (advantages, value targets), [B, N] each.
+    ``lam = 1`` gives ``G_k - V(s_k)``; ``lam = 0`` the one-step TD error."""
+    if not 0 <= lam <= 1:
+        raise ValueError(f"gae lambda must be in [0, 1], got {lam}")
+    B, N = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for k in reversed(range(N)):
+        v_next = values[:, k + 1] if k + 1 < N else torch.zeros_like(last)
+        delta = rewards[:, k] + v_next - values[:, k]
+        last = delta + lam * last
+        adv[:, k] = last
+    return adv, adv + values
+
+
+def normalise_per_step(adv: Tensor, mean: Tensor, std: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(adv - mean_k) / (std_k + eps)`` with per-step statistics of the global batch ([N] each)."""
+    return (adv - mean) / (std + eps)
+
+
+def explained_variance(pred: Tensor, target: Tensor) -> Tensor:
+    """``1 - Var[target - pred] / Var[target]`` (1: perfect value function; <= 0: no better than a constant)."""
+    var = target.var()
+    return 1 - (target - pred).var() / var if var > 0 else torch.tensor(float("nan"))
+
+
+class PPO:
+    """PPO hyper-parameters (config group ``algo/``).
+
+    Args:
+        lr: policy learning rate (Adam). value_lr: value network's.
+        epochs, minibatches: K_p passes over the rollout's transitions, each split into this many minibatches.
+        clip_eps: ratio clipping. kl_coef: weight of KL(pi || pi_ref) (pi_ref = the initial policy = the base
+            sampler). ent_coef: entropy bonus.
+        baseline: ``mean`` (per-step batch mean over all ranks) or ``value`` (a value network with GAE).
+        gae_lambda: GAE's lambda (``baseline=value``). value_coef: weight of the value loss.
+        normalise: divide advantages by their per-step std over the global batch.
+        max_grad_norm: gradient clipping of the policy (null: none).
+    """
+
+    BASELINES = ("mean", "value")
+
+    def __init__(self, lr: float = 3e-3, epochs: int = 4, minibatches: int = 4, clip_eps: float = 0.2,
+                 kl_coef: float = 0.0, ent_coef: float = 0.0, baseline: str = "mean", gae_lambda: float = 0.95,
+                 value_lr: float = 1e-3, value_coef: float = 0.5, normalise: bool = True,
+                 max_grad_norm: float | None = 1.0):
+        if lr <= 0 or value_lr <= 0:
+            raise ValueError(f"algo.lr and algo.value_lr must be > 0, got {lr}, {value_lr}")
+        if epochs < 1 or minibatches < 1:
+            raise ValueError(f"algo.epochs and algo.minibatches must be >= 1, got {epochs}, {minibatches}")
+        if clip_eps <= 0:
+            raise ValueError(f"algo.clip_eps must be > 0, got {clip_eps}")
+        if kl_coef < 0 or ent_coef < 0:
+            raise ValueError(f"algo.kl_coef and algo.ent_coef must be >= 0, got {kl_coef}, {ent_coef}")
+        if baseline not in self.BASELINES:
+            raise ValueError(f"algo.baseline must be one of {self.BASELINES}, got {baseline!r}")
+        if not 0 <= gae_lambda <= 1:
+            raise ValueError(f"algo.gae_lambda must be in [0, 1], got {gae_lambda}")
+        self.lr, self.epochs, self.minibatches, self.clip_eps = float(lr), int(epochs), int(minibatches), float(clip_eps)
+        self.kl_coef, self.ent_coef, self.baseline, self.gae_lambda = float(kl_coef), float(ent_coef), baseline, float(gae_lambda)
+        self.value_lr, self.value_coef, self.normalise = float(value_lr), float(value_coef), bool(normalise)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)

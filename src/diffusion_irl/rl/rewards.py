@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIVERGENCES = ("kl", "reverse_kl", "js", "chi2", "pr")
+WEIGHTINGS = ("dense", "terminal", "ramp")
 
 
 def f_divergence_generator(name: str, u: Tensor, lam: float = 1.0) -> Tensor:
@@ -68,17 +69,28 @@ class Reward:
         divergence: one of ``kl, reverse_kl, js, chi2, pr``.
         logit_clip: logits are clipped to ``[-logit_clip, logit_clip]`` before the reward (null: no clipping).
         lam, temperature: PR-divergence lambda (> 0) and smoothing temperature (>= 0).
+        weighting: per-step weights of the rewards, ``dense``, ``terminal`` or ``ramp`` (:func:`step_weights`).
+        nfe_cost: reward ``-nfe_cost`` per denoiser evaluation spent in a step (the quality / efficiency
+            temperature; matters for knobs whose NFE varies, e.g. renoise).
     """
 
     def __init__(self, divergence: str = "kl", logit_clip: float | None = 5.0, lam: float = 1.0,
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, weighting: str = "dense", nfe_cost: float = 0.0):
         if divergence not in DIVERGENCES:
             raise ValueError(f"reward.divergence must be one of {DIVERGENCES}, got {divergence!r}")
         if logit_clip is not None and logit_clip <= 0:
             raise ValueError(f"reward.logit_clip must be > 0 or null, got {logit_clip}")
         if lam <= 0 or temperature < 0:
             raise ValueError(f"reward.lam must be > 0 and reward.temperature >= 0, got {lam}, {temperature}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"reward.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if nfe_cost < 0:
+            raise ValueError(f"reward.nfe_cost must be >= 0, got {nfe_cost}")
         self.divergence, self.logit_clip, self.lam, self.temperature = divergence, logit_clip, float(lam), float(temperature)
+        self.weighting, self.nfe_cost = weighting, float(nfe_cost)
+
+    def weights(self, horizon: int, dtype=torch.float32) -> Tensor:
+        return step_weights(self.weighting, horizon, dtype)
 
     def __call__(self, logit: Tensor) -> Tensor:
         if self.logit_clip is not None:

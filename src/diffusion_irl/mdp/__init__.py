@@ -1,0 +1,1 @@
+"""The sampling MDP: state, knob / transition actions, policies."""
