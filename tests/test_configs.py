@@ -316,3 +316,19 @@ def test_cached_denoiser_configs(name, overrides, tmp_path, rl_one_thread):
 
 cover("denoiser/cached_mlp.yaml", "denoiser/cached_unet.yaml")
 # ---- end: the RL loop -----------------------------------------------------------------------------------------------
+
+
+# ---- begin: SLURM multi-node DDP launcher of the RL loop (hydra/launcher/slurm_ddp.yaml; more in tests/test_slurm.py)
+@pytest.mark.parametrize("name", cover("hydra/launcher/slurm_ddp.yaml"))
+def test_slurm_ddp_launcher_composes(name):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the `slurm` extra")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm_ddp", "trainer=rl_ddp", "trainer.devices=4",
+                                                      "trainer.num_nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+# ---- end: SLURM multi-node DDP launcher ---------------------------------------------------------------------------
