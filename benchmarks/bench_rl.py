@@ -61,6 +61,7 @@ from diffusion_irl.sampling import solvers
 from diffusion_irl.sampling.noise import NoiseStream, SampleNoise
 from diffusion_irl.sampling.samplers import Euler
 from diffusion_irl.system import SamplerPolicyModule
+from tables import format_row, markdown, sync  # benchmarks/tables.py (the script's own folder)
 
 SIGMA_DATA = 2.84   # conf/data/gmm8.yaml
 NFE = 10            # conf/train.yaml: mdp.nfe
@@ -120,21 +121,16 @@ def build_module(denoiser: str, rollout_batch: int, device: str, n_train: int = 
 
 # --- timing helpers ----------------------------------------------------------------------------------------------
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def per_call_us(fn: Callable[[], object], device: str, calls: int, rounds: int = 5) -> float:
     """Median over ``rounds`` of the mean time of ``calls`` back-to-back calls, in microseconds."""
     fn()
     out = []
     for _ in range(rounds):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        _sync(device)
+        sync(device)
         out.append((time.perf_counter() - t0) / calls)
     return 1e6 * statistics.median(out)
 
@@ -152,11 +148,11 @@ class _Recorder(L.Callback):
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_start(self, trainer, module):
-        _sync(str(module.device))
+        sync(str(module.device))
         self.t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):
-        _sync(str(module.device))
+        sync(str(module.device))
         wall = time.perf_counter() - self.t0
         t = dict(module.timings)
         t["other"] = wall - sum(t.values())
@@ -206,10 +202,10 @@ class TimedDenoiser(nn.Module):
         self.denoiser, self.device, self.seconds = denoiser, device, 0.0
 
     def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         out = self.denoiser(x, sigma, *args, **kwargs)
-        _sync(self.device)
+        sync(self.device)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -253,10 +249,10 @@ def inference_table(args) -> list[dict]:
         for r in range(args.repeats):   # interleaved rounds, order alternating
             for name in order if r % 2 == 0 else order[::-1]:
                 D.seconds = 0.0
-                _sync(args.device)
+                sync(args.device)
                 t0 = time.perf_counter()
                 run(samplers[name])
-                _sync(args.device)
+                sync(args.device)
                 total[name].append(time.perf_counter() - t0)
                 inside[name].append(D.seconds)
         b = "base (Euler)"
@@ -330,27 +326,6 @@ def profile_table(args) -> list[dict]:
 
 # --- output ------------------------------------------------------------------------------------------------------
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if v == 0:
-            return "0"
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
-def format_row(row: dict) -> str:
-    return "  ".join(f"{k}={_fmt(v)}" for k, v in row.items())
-
-
-def markdown(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def machine(args) -> str:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     try:
@@ -391,23 +366,18 @@ def main(argv=None) -> None:
     header = f"Machine: {machine(args)}"
     print(header, flush=True)
     sections = [header]
-    if args.what in ("all", "iteration"):
-        title = (f"## One RL iteration: rollout / discriminator (8 steps x 1024) / PPO (4 epochs x 4 minibatches) "
-                 f"seconds, Euler {NFE} NFE, step knob, gmm8")
+    tables = [
+        ("iteration", f"## One RL iteration: rollout / discriminator (8 steps x 1024) / PPO (4 epochs x 4 minibatches) "
+                      f"seconds, Euler {NFE} NFE, step knob, gmm8", iteration_table),
+        ("inference", f"## Inference: tuned sampler vs base Euler at {NFE} NFE (medians of interleaved runs)",
+         inference_table),
+        ("profile", "## Per-call cost of the pieces of one step (no network; medians)", profile_table),
+    ]
+    for what, title, table in tables:
+        if args.what not in ("all", what):
+            continue
         print("\n" + title, flush=True)
-        rows = iteration_table(args)
-        sections.append(title + "\n\n" + markdown(rows))
-        print("\n" + markdown(rows), flush=True)
-    if args.what in ("all", "inference"):
-        title = f"## Inference: tuned sampler vs base Euler at {NFE} NFE (medians of interleaved runs)"
-        print("\n" + title, flush=True)
-        rows = inference_table(args)
-        sections.append(title + "\n\n" + markdown(rows))
-        print("\n" + markdown(rows), flush=True)
-    if args.what in ("all", "profile"):
-        title = "## Per-call cost of the pieces of one step (no network; medians)"
-        print("\n" + title, flush=True)
-        rows = profile_table(args)
+        rows = table(args)
         sections.append(title + "\n\n" + markdown(rows))
         print("\n" + markdown(rows), flush=True)
     if args.out:

@@ -46,6 +46,7 @@ from diffusion_irl.denoisers.precond import VPEpsDenoiser
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.samplers import Ancestral, DPMpp2M, Euler, Heun, Sampler
 from diffusion_irl.sampling.schedules import DiscreteVPSchedule, ddpm_alphas_cumprod
+from tables import format_row, markdown, sync  # benchmarks/tables.py (the script's own folder)
 
 T = 1000          # training timesteps of the discrete VP schedule (linear betas 1e-4 .. 0.02)
 SPACING = "leading"  # the one spacing in which every diffusers scheduler steps exactly between its own timesteps
@@ -158,11 +159,6 @@ def run_diffusers(sched, eps_model: nn.Module, shape: tuple[int, ...], steps: in
 
 # --- timing ------------------------------------------------------------------------------------------------------
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, list[float]]:
     """One warm-up each, then ``repeats`` rounds running every function once (order alternating between rounds).
     Returns the seconds of every round, so that ratios can be taken within a round (same machine load)."""
@@ -172,10 +168,10 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device
     order = list(fns)
     for r in range(repeats):
         for k in order if r % 2 == 0 else order[::-1]:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fns[k]()
-            _sync(device)
+            sync(device)
             times[k].append(time.perf_counter() - t0)
     return times
 
@@ -264,14 +260,14 @@ def memory_child(spec: dict) -> dict:
     with torch.no_grad():
         sampler.sample(D, full, 2, noise)  # warm-up: every code path and one network call's activations
         gc.collect()
-        _sync(device)
+        sync(device)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         reset = _reset_peak_rss()
         base_rss = _proc_status_mib("VmRSS") if reset else _peak_rss_mib()
         out = sampler.sample(D, full, spec["steps"], noise, trajectory=spec["trajectory"])
-        _sync(device)
+        sync(device)
         peak_rss = _peak_rss_mib()
         res = {"rss_increase_mib": peak_rss - base_rss, "rss_method": "VmHWM-VmRSS" if reset else "ru_maxrss",
                "kept_states": len(out.trajectory) if out.trajectory is not None else 0,
@@ -312,25 +308,6 @@ def memory_table(args) -> list[dict]:
 
 
 # --- output ------------------------------------------------------------------------------------------------------
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
-def format_row(row: dict) -> str:
-    return "  ".join(f"{k}={_fmt(v)}" for k, v in row.items())
-
-
-def markdown(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
 
 def machine(args) -> str:
     import diffusers

@@ -182,15 +182,6 @@ POLICY_SETUP = {  # the base sampler / MDP each policy file is meant for (see it
 }
 
 
-@pytest.fixture
-def rl_one_thread():
-    """Tiny networks: intra-op threads only contend on a small shared machine (pretraining took 0.5 s vs 7-13 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rl_state(shape, horizon):
     from diffusion_irl.mdp.policies import State
 
@@ -296,7 +287,7 @@ def test_experiment_configs(name, tmp_path):
     ("denoiser/cached_unet.yaml", ["data=digits", "denoiser.module.net.base_channels=8",
                                    "denoiser.module.net.emb_dim=16", "denoiser.max_steps=2"]),
 ])
-def test_cached_denoiser_configs(name, overrides, tmp_path, rl_one_thread):
+def test_cached_denoiser_configs(name, overrides, tmp_path, one_thread):
     from diffusion_irl.denoisers import EDMPrecond
 
     cover(name)

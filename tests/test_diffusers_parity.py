@@ -36,14 +36,7 @@ T = 1000
 RTOL = 2e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread. On a loaded 2-core machine, OpenMP threads waiting for each other made this
-    module 20x slower (75 s instead of 3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: conftest.one_thread
 
 
 class EpsMLP(nn.Module):

@@ -23,12 +23,7 @@ from diffusion_irl.train_discriminator import train_discriminator
 from .helpers import compose_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: conftest.one_thread
 
 
 class ExactLogRatio(nn.Module):

@@ -25,13 +25,7 @@ SMALL_MLP = ["denoiser.net.hidden=64", "denoiser.net.depth=2", "denoiser.net.emb
 SMALL_GMM8 = ["data=gmm8", "data.n_train=4096", "data.n_heldout=1024"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from intra-op threads, and spinning threads crawl on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: conftest.one_thread
 
 
 def compose_pretrain(out_dir: Path, overrides: list[str]):

@@ -35,12 +35,7 @@ PINNED = ["mdp.nfe=10", "policy=step", "reward=kl", "algo=ppo", "train.disc_step
 QUALITY_MARGIN = 0.003  # one seed-to-seed std of Euler@10's MMD at 1000 samples vs 2000 held-out (measured 0.0027)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: conftest.one_thread
 
 
 def train(out: Path, overrides: list[str]) -> dict:

@@ -1,6 +1,7 @@
 """Config helpers shared by the entry points: one readable error for a bad config, before any compute."""
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 from collections.abc import Callable
@@ -32,6 +33,29 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     except (InstantiationException, OmegaConfBaseException, ValueError, TypeError) as exc:
         cause = _root_cause(exc)
         raise ConfigError(f"{key}: {type(cause).__name__}: {cause}") from exc
+
+
+def plain(cfg: Any) -> Any:
+    """A config node as plain Python containers (resolved), or a deep copy of anything else."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(cfg)
+
+
+def module_and_config(spec: Any, key: str):
+    """``(module, config)`` from an ``nn.Module`` (its ``config`` attribute, if any, is the config) or from its Hydra
+    config (a mapping with ``_target_``, instantiated here). Lightning modules keep the config in their
+    hyper-parameters so that a checkpoint rebuilds the network alone. ``key`` names the argument in errors."""
+    from collections.abc import Mapping
+
+    from torch import nn
+
+    if isinstance(spec, Mapping):
+        config = plain(spec)
+        module = instantiate(config)
+    else:
+        module, config = spec, plain(getattr(spec, "config", None))
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{key} must build an nn.Module, got {type(module).__name__}")
+    return module, config
 
 
 def require(condition: bool, message: str) -> None:

@@ -81,7 +81,9 @@ class Evaluator:
     batch_size: int = 4096
     device: str = "cpu"
     progress: bool = True
+    keep: Sequence[str] = ()  # samplers whose samples of the first seed are kept in ``samples`` (for figures)
     runs: list[Run] = field(default_factory=list)
+    samples: dict[str, Tensor] = field(default_factory=dict)
 
     def plan(self) -> list[tuple[str, int, int]]:
         """(sampler, budget, steps) for every cell that fits its budget; budgets that give the same steps as a
@@ -114,6 +116,8 @@ class Evaluator:
                 x, used = generate(self.samplers[name], denoiser, shape, steps, self.num_samples, seed,
                                    self.batch_size, self.device)
                 sample_seconds = time.perf_counter() - t0
+                if name in self.keep and seed == self.seeds[0]:
+                    self.samples[name] = x
                 if used > budget:
                     raise RuntimeError(f"{name} used {used} NFE for a budget of {budget}")
                 metrics = self.score(x, seed)

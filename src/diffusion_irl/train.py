@@ -133,7 +133,8 @@ def compare(cfg: DictConfig, datamodule, denoiser, mdp: SamplingMDP, policy, ini
         samplers[name] = build(cfg, f"samplers.{name}")
     score = scorer_for(datamodule, c.num_heldout, c.feature_cache, c.inception_weights)
     ev = Evaluator(samplers=samplers, nfe=[budget], num_samples=c.num_samples, seeds=list(c.seeds), score=score,
-                   reference=reference_for(datamodule), batch_size=c.batch_size, device=str(device), progress=c.progress)
+                   reference=reference_for(datamodule), batch_size=c.batch_size, device=str(device), progress=c.progress,
+                   keep=("base", "tuned", "grid_best"))
     rows = ev.run(denoiser, datamodule.shape)
     order = list(samplers)
     if c.large_nfe:
@@ -158,16 +159,11 @@ def compare(cfg: DictConfig, datamodule, denoiser, mdp: SamplingMDP, policy, ini
     paths = write_outputs(rows, out, title=title, sampler_order=order)
     with open(paths["md"], "a") as f:
         f.write("\n## Costs (denoiser evaluations)\n\n" + "\n".join(costs) + "\n")
-    # figures: final samples and the learned schedule
-    seed = int(c.seeds[0])
-    shown = {name: generate(samplers[name], denoiser, datamodule.shape, samplers[name].steps_for_budget(budget),
-                            min(c.num_samples, 2000), seed, c.batch_size, device)[0] for name in ("base", "tuned")}
-    if grid is not None:
-        shown["grid_best"] = generate(samplers["grid_best"], denoiser, datamodule.shape, mdp.horizon,
-                                      min(c.num_samples, 2000), seed, c.batch_size, device)[0]
+    # figures: final samples (the first seed's, kept by the evaluator) and the learned schedule
+    shown = dict(ev.samples)
     shown["held-out data"] = datamodule.heldout(min(c.num_samples, len(datamodule.heldout())))
     plot_samples(shown, out / "plots" / "samples.png")
-    ref = {n: v for n, v in mdp.references(policy.knobs).items()} if isinstance(policy, KnobPolicy) else None
+    ref = mdp.references(policy.knobs) if isinstance(policy, KnobPolicy) else None
     plot_schedule(policy.schedule(), mdp.ref_sigmas, out / "plots" / "schedule.png", ref)
     print(paths["md"].read_text())
     print(f"results written to {out}")

@@ -17,14 +17,10 @@ from typing import Any
 import hydra.utils
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from diffusion_irl.config import module_and_config, plain
 from diffusion_irl.denoisers.precond import EDMPrecond, edm_loss_weight
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(cfg)
 
 
 class DenoiserModule(L.LightningModule):
@@ -49,22 +45,16 @@ class DenoiserModule(L.LightningModule):
                  P_std: float = 1.2, ema_decay: float = 0.999,
                  optimizer: Callable[..., torch.optim.Optimizer] | Mapping | None = None, label_dropout: float = 0.0):
         super().__init__()
-        if isinstance(net, Mapping):
-            net_config = _plain(net)
-            net = hydra.utils.instantiate(net_config)
-        else:
-            net_config = _plain(getattr(net, "config", None))
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"denoiser.net must build an nn.Module, got {type(net).__name__}")
+        net, net_config = module_and_config(net, "denoiser.net")
         if isinstance(optimizer, Mapping):
-            optimizer_config = _plain(optimizer)
+            optimizer_config = plain(optimizer)
             optimizer = hydra.utils.instantiate(optimizer_config)
         else:
             optimizer_config = None if optimizer is None else repr(optimizer)
         if sigma_data <= 0 or P_std <= 0 or not 0 <= ema_decay < 1 or not 0 <= label_dropout <= 1:
             raise ValueError("DenoiserModule needs sigma_data > 0, P_std > 0, 0 <= ema_decay < 1, "
                              f"0 <= label_dropout <= 1; got {sigma_data}, {P_std}, {ema_decay}, {label_dropout}")
-        shape = [int(s) for s in _plain(shape)]
+        shape = [int(s) for s in plain(shape)]
         self.save_hyperparameters(dict(net=net_config, shape=shape, sigma_data=float(sigma_data), P_mean=float(P_mean),
                                        P_std=float(P_std), ema_decay=float(ema_decay), optimizer=optimizer_config,
                                        label_dropout=float(label_dropout)))
@@ -182,7 +172,7 @@ def cached_denoiser(data: Mapping, module: Mapping, max_steps: int = 2000, cache
 
     if int(max_steps) < 1:
         raise ValueError(f"denoiser.max_steps must be >= 1, got {max_steps}")
-    data_cfg, module_cfg = _plain(data), _plain(module)
+    data_cfg, module_cfg = plain(data), plain(module)
     key = json.dumps({"data": data_cfg, "module": module_cfg, "max_steps": int(max_steps), "seed": int(seed)}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = os.path.join(os.fspath(cache_dir), f"denoiser_{digest}.ckpt")

@@ -10,18 +10,16 @@ A checkpoint rebuilds its discriminator alone: the network's Hydra config is kep
 """
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import hydra.utils
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from diffusion_irl.config import module_and_config, plain
 from diffusion_irl.tensors import append_dims, batch_sigma
 
 
@@ -90,10 +88,6 @@ def discriminator_loss(net: nn.Module, real: Tensor, fake: Tensor, sigma_real: f
     return loss, diag
 
 
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(cfg)
-
-
 class DiscriminatorModule(L.LightningModule):
     """A noise-conditional discriminator ``net(x, sigma) -> logit [B]`` trained with :func:`discriminator_loss`.
 
@@ -110,14 +104,8 @@ class DiscriminatorModule(L.LightningModule):
     def __init__(self, net: nn.Module | Mapping, lr: float = 2e-4, betas: Sequence[float] = (0.5, 0.999),
                  weight_decay: float = 0.0, r1_gamma: float = 0.0):
         super().__init__()
-        if isinstance(net, Mapping):
-            net_config = _plain(net)
-            net = hydra.utils.instantiate(net_config)
-        else:
-            net_config = _plain(getattr(net, "config", None))
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"discriminator.net must build an nn.Module, got {type(net).__name__}")
-        betas = [float(b) for b in _plain(betas)]
+        net, net_config = module_and_config(net, "discriminator.net")
+        betas = [float(b) for b in plain(betas)]
         if not lr > 0:
             raise ValueError(f"discriminator.lr must be > 0, got {lr}")
         if not r1_gamma >= 0:

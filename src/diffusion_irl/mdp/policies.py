@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Beta, Categorical, Normal
 
+from diffusion_irl.config import plain
 from diffusion_irl.mdp.actions import Knob
 from diffusion_irl.sampling.solvers import ancestral_sigmas
 from diffusion_irl.tensors import append_dims
@@ -58,9 +59,7 @@ def _features(x: Tensor, sigma: Tensor, k: Tensor, horizon: int, use_x: bool, si
 def _as_knob(name: str, knob) -> Knob:
     """A Knob from a Knob, or from its config (with or without ``_target_``; the name defaults to the key)."""
     if isinstance(knob, Mapping):
-        from omegaconf import OmegaConf
-
-        spec = OmegaConf.to_container(knob, resolve=True) if not isinstance(knob, dict) else dict(knob)
+        spec = plain(knob)
         spec.pop("_target_", None)
         spec.setdefault("name", name)
         return Knob(**spec)
