@@ -58,7 +58,7 @@ from diffusion_irl.mdp.policies import KnobPolicy, State
 from diffusion_irl.rl.ppo import PPO
 from diffusion_irl.rl.rewards import Reward
 from diffusion_irl.sampling import solvers
-from diffusion_irl.sampling.noise import NoiseStream, SampleNoise
+from diffusion_irl.sampling.noise import NoiseStream, SampleNoise, Slot
 from diffusion_irl.sampling.samplers import Euler
 from diffusion_irl.system import SamplerPolicyModule
 from tables import format_row, markdown, sync  # benchmarks/tables.py (the script's own folder)
@@ -214,7 +214,8 @@ class PerStepAct:
     """Delegates ``act`` to a knob policy but hides its type, so ``PolicySampler`` calls ``policy.act`` on the whole
     batch at every step, as it did before it tabulated open-loop actions once per batch (``_OpenLoopActions``)."""
 
-    family = "knob"
+    kind = "knob"
+    per_step_table = False
 
     def __init__(self, policy: KnobPolicy):
         self.policy, self.names, self.eval_mode = policy, policy.names, policy.eval_mode
@@ -310,7 +311,7 @@ def profile_table(args) -> list[dict]:
         ("finite-state guard: torch.isfinite(x).all()", "tuned", lambda: bool(torch.isfinite(x).all())),
         ("State(...) with torch.full k", "tuned",
          lambda: State(x, sigma, torch.full((B,), k, device=dev, dtype=torch.long), None)),
-        ("SampleNoise.step draw (churn / renoise / ancestral only)", "not with euler + step", lambda: noise.step(k, x, 1)),
+        ("SampleNoise.step draw (churn / renoise / ancestral only)", "not with euler + step", lambda: noise.step(k, x, Slot.STEP)),
         ("NoiseStream.step draw (base stochastic samplers)", "not with euler",
          lambda: NoiseStream(0, device=dev).step(k, x)),
     ]

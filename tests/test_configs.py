@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from diffusion_irl.config import ConfigError, build
 
@@ -323,3 +324,71 @@ def test_slurm_ddp_launcher_composes(name):
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
 # ---- end: SLURM multi-node DDP launcher ---------------------------------------------------------------------------
+
+
+# --- the nodes that mirror the object graph --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", cover("system/default.yaml", "policy/shared/knob.yaml"))
+def test_system_node_builds_the_loop(name, tmp_path):
+    from diffusion_irl.system import SamplerPolicyModule
+    from diffusion_irl.train import build_parts, build_system
+
+    cfg = compose_config("train", [*RL_QUIET, "denoiser=analytic", "data.n_train=64", "data.n_heldout=32"],
+                         output_dir=tmp_path)
+    assert cfg.policy.hidden == 64 and cfg.policy.conditioning == "step"  # from policy/shared/knob.yaml
+    module = build_system(cfg, build_parts(cfg), evaluate=None)
+    assert isinstance(module, SamplerPolicyModule)
+    assert (module.rollout_batch, module.disc_steps, module.disc_batch) == (cfg.system.rollout_batch,
+                                                                            cfg.system.disc_steps, cfg.system.disc_batch)
+    assert module.seed == cfg.seed
+
+
+@pytest.mark.parametrize("name", cover("checkpoint/steps.yaml", "checkpoint/iterations.yaml"))
+def test_checkpoint_configs(name, tmp_path):
+    stem = Path(name).stem
+    primary = "train" if stem == "iterations" else "pretrain"
+    cfg = compose_config(primary, [f"checkpoint={stem}"], output_dir=tmp_path)
+    callback = build(cfg, "checkpoint")
+    assert callback.dirpath == str(tmp_path / "checkpoints") and callback.save_last
+    if stem == "iterations":
+        assert callback._every_n_epochs == 20 and callback._save_on_train_epoch_end is True
+
+
+@pytest.mark.parametrize("name", cover("schedule/karras.yaml", "schedule/discrete_vp.yaml"))
+def test_schedule_configs(name, tmp_path):
+    stem = Path(name).stem
+    cfg = compose_config("evaluate", output_dir=tmp_path)
+    user = "euler" if stem == "karras" else "ddpm"   # the samplers' schedules come from the schedule group
+    schedule = build(cfg, f"samplers.{user}.schedule")
+    sigmas = schedule(8)
+    assert sigmas.shape == (9,) and float(sigmas[-1]) == 0 and bool((sigmas[:-1] > sigmas[1:]).all())
+    assert cfg.samplers[user].schedule._target_.endswith("KarrasSchedule" if stem == "karras" else "DiscreteVPSchedule")
+
+
+@pytest.mark.parametrize("name", cover("samplers/training_free.yaml"))
+def test_one_list_of_training_free_samplers(name, tmp_path):
+    train_cfg = compose_config("train", output_dir=tmp_path)
+    eval_cfg = compose_config("evaluate", output_dir=tmp_path)
+    names = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "edm_sde", "restart", "dpmpp_2m"]
+    assert list(train_cfg.compare.samplers) == list(eval_cfg.evaluate.samplers) == names
+    assert list(train_cfg.samplers) == names
+
+
+@pytest.mark.parametrize("name", cover("debug/smoke.yaml"))
+def test_debug_smoke(name, tmp_path):
+    cfg = compose_config("train", ["debug=smoke"], output_dir=tmp_path)
+    assert cfg.denoiser._target_.endswith("analytic_denoiser") and cfg.train.iterations == 2
+    assert cfg.compare.enabled is False and not cfg.get("logger")
+
+
+def test_group_files_state_the_values_a_run_uses(tmp_path):
+    """No primary config silently overrides a group file's value (a reader of conf/reward/kl.yaml is not misled)."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("train", output_dir=tmp_path)
+    for group_name, option in (("reward", "kl"), ("discriminator", "mlp"), ("algo", "ppo"), ("system", "default")):
+        stated = OmegaConf.load(CONF / group_name / f"{option}.yaml")
+        for key in stated:
+            if key == "defaults" or OmegaConf.is_interpolation(stated, key) or isinstance(stated[key], DictConfig):
+                continue
+            assert cfg[group_name][key] == stated[key], (group_name, key)

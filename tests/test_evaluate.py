@@ -55,6 +55,52 @@ def test_same_noise_for_every_sampler(tmp_path, monkeypatch):
             assert by[("euler_ancestral", nfe, seed, m)] == pytest.approx(v, abs=1e-6)
 
 
+def _policy_sampler():
+    """A deterministic open-loop policy with a churn knob on EDM's stochastic base: its noise is per-sample."""
+    from diffusion_irl.mdp.actions import Knob
+    from diffusion_irl.mdp.env import PolicySampler, SamplingMDP
+    from diffusion_irl.mdp.policies import KnobPolicy
+    from diffusion_irl.sampling.samplers import EDMStochastic
+
+    mdp = SamplingMDP(EDMStochastic(S_churn=20.0, S_tmin=0.05, S_tmax=50.0), nfe=9)
+    policy = KnobPolicy({"churn": Knob("churn", 0, 1, discrete=True, num=5)})
+    mdp.setup_policy(policy, (2,))
+    return PolicySampler(mdp, policy)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler", "policy"])
+def test_samples_do_not_depend_on_the_batch_size(name):
+    """Sample i of (sampler, NFE, seed) draws its noise from its own seed: batch sizes 7 and 64 give the same bits."""
+    import torch
+
+    from diffusion_irl.data.toy2d import gmm8
+    from diffusion_irl.denoisers.analytic import AnalyticDenoiser
+    from diffusion_irl.evaluation import Evaluator, generate
+    from diffusion_irl.metrics.samples import sample_metrics
+    from diffusion_irl.sampling.samplers import Ancestral, Euler
+    from diffusion_irl.sampling.schedules import DiscreteVPSchedule
+
+    law = gmm8()
+    oracle = AnalyticDenoiser(law)
+    sampler = {"ddpm": lambda: Ancestral(DiscreteVPSchedule(), eta=1.0), "euler": Euler, "policy": _policy_sampler}[name]()
+    steps = sampler.steps_for_budget(9)
+    a, nfe_a = generate(sampler, oracle, (2,), steps, 50, seed=3, batch_size=7)
+    b, nfe_b = generate(sampler, oracle, (2,), steps, 50, seed=3, batch_size=64)
+    assert a.shape == (50, 2) and nfe_a == nfe_b and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    c, _ = generate(sampler, oracle, (2,), steps, 50, seed=4, batch_size=64)
+    assert not torch.equal(a, c)
+    # and so do the metric values of the evaluator
+    held = law.sample(200, torch.Generator().manual_seed(0))
+    rows = {}
+    for batch_size in (7, 64):
+        ev = Evaluator(samplers={name: sampler}, nfe=[9], num_samples=50, seeds=[3],
+                       score=lambda x, seed: sample_metrics(x, held, law, generator=torch.Generator().manual_seed(seed)),
+                       batch_size=batch_size, progress=False)
+        rows[batch_size] = {(r.sampler, r.nfe, r.metric): r.value for r in ev.run(oracle, (2,)) if r.metric != "sample_seconds"}
+    assert rows[7] and rows[7] == rows[64]
+
+
 @pytest.mark.parametrize("override, message", [
     (["evaluate.samplers=[heun,nope]"], "unknown sampler"),
     (["evaluate.nfe=[0,8]"], "positive integers"),

@@ -1,4 +1,4 @@
-"""The sampling MDP (ALGORITHM.md section 3): replayable per-sample noise, exact policy log-densities, the reference
+"""The sampling MDP (docs/method.md section 3): replayable per-sample noise, exact policy log-densities, the reference
 policy reproducing the base sampler, per-sample NFE accounting and the refusal of bad knob / MDP settings."""
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch.distributions import (AffineTransform, Beta, Categorical, Normal, SigmoidTransform,
                                  TransformedDistribution)
 
 from diffusion_irl.mdp.actions import Knob
 from diffusion_irl.mdp.env import PolicySampler, SamplingMDP
-from diffusion_irl.mdp.policies import ConstantKnobPolicy, KnobPolicy, State, TransitionPolicy
+from diffusion_irl.mdp.policies import ConstantKnobPolicy, KnobPolicy, Reference, State, TransitionPolicy
 from diffusion_irl.sampling import solvers
-from diffusion_irl.sampling.noise import NoiseStream, SampleNoise, counter_normal
-from diffusion_irl.sampling.samplers import Ancestral, EDMStochastic, Euler, Heun
+from diffusion_irl.sampling.noise import NoiseStream, SampleNoise, Slot, counter_normal
+from diffusion_irl.sampling.samplers import Ancestral, DPMpp2M, EDMStochastic, Euler, Heun, Restart
 
 from .conftest import CONF
 
@@ -27,8 +28,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: conftest.on
 
 
 def ddpm() -> Ancestral:
-    """The DDPM sampler of conf/sampler/ddpm.yaml (eta 1, discrete VP schedule)."""
-    return instantiate(OmegaConf.load(CONF / "sampler" / "ddpm.yaml"))
+    """The DDPM sampler of conf/sampler/ddpm.yaml (eta 1, discrete VP schedule), composed by Hydra (its defaults
+    list pulls in the schedule)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="sampler/ddpm")
+    return instantiate(cfg.sampler)
 
 
 def perturb(policy: torch.nn.Module, scale: float = 0.5, seed: int = 0) -> None:
@@ -72,15 +77,86 @@ def test_sample_noise_streams():
     seeds = torch.arange(10, 16)
     noise = SampleNoise(seeds)
     like = torch.empty(6, 1, 2, 2)
-    draw = noise.step(3, like, slot=2)
+    draw = noise.step(3, like, slot=Slot.RENOISE)
     assert draw.shape == like.shape
     assert torch.equal(draw.flatten(1), counter_normal(seeds, SampleNoise.STEP_KEYS * 4 + 2, 4))
     mask = torch.tensor([True, False, True, False, False, True])
-    assert torch.equal(noise.subset(mask).step(3, like[mask], slot=2), draw[mask])
-    assert not torch.equal(noise.step(3, like, slot=1), draw) and not torch.equal(noise.step(4, like, slot=2), draw)
+    assert torch.equal(noise.subset(mask).step(3, like[mask], slot=Slot.RENOISE), draw[mask])
+    assert not torch.equal(noise.step(3, like, slot=Slot.STEP), draw)
+    assert not torch.equal(noise.step(4, like, slot=Slot.RENOISE), draw)
     assert torch.equal(noise.initial(like).flatten(1), counter_normal(seeds, 0, 4))
     with pytest.raises(ValueError, match="slot"):
         noise.step(0, like, slot=SampleNoise.STEP_KEYS)
+
+
+def test_noise_slots_keep_their_values():
+    """The slots' integers are part of every stored trajectory's random stream."""
+    assert [int(Slot.CHURN), int(Slot.STEP), int(Slot.RENOISE), int(Slot.RENOISE_STEP)] == [0, 1, 2, 3]
+    noise, like = SampleNoise(torch.arange(5)), torch.empty(5, 3)
+    for slot in Slot:
+        assert torch.equal(noise.step(2, like, slot), noise.step(2, like, int(slot)))
+        assert torch.equal(noise.step(2, like, slot), counter_normal(torch.arange(5), SampleNoise.STEP_KEYS * 3 + slot, 3))
+
+
+# --- the base samplers' single steps ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", [Euler(), Heun(), EDMStochastic(S_churn=20.0), Ancestral(eta=1.0), Ancestral(eta=0.5),
+                                  Ancestral(eta=0.0)], ids=repr)
+def test_single_step_reproduces_the_samplers_own_loop(base, oracle):
+    """``churn`` + ``step`` from the sampler's own states and noise give its ``sample()`` bit for bit, step by step,
+    and the per-sample NFE adds up to the counted NFE."""
+    steps, shape = 6, (64, 2)
+    out = base.sample(oracle, shape, steps, NoiseStream(4), trajectory=True)
+    noise, sigmas = NoiseStream(4), base.sigmas(steps)
+    gammas = base.churn_schedule(sigmas)
+    assert gammas.shape == (steps,) and (bool((gammas > 0).any()) == isinstance(base, EDMStochastic))
+    x, nfe = noise.initial(shape) * float(sigmas[0]), torch.zeros(shape[0])
+    assert torch.equal(x, out.trajectory[0])
+    for i in range(steps):
+        sigma = sigmas[i]
+        if isinstance(base, EDMStochastic):  # EDM's loop draws the churn noise at every step (gamma may be 0)
+            x, sigma, _ = base.churn(x, sigma, gammas[i], noise.step(i, x))
+        x, _, step_nfe = base.step(oracle, x, sigma, sigmas[i + 1], lambda like, i=i: noise.step(i, like))
+        assert torch.equal(x, out.trajectory[i + 1]), f"step {i}"
+        nfe += step_nfe
+    assert bool((nfe == out.nfe).all()) and out.nfe == base.planned_nfe(steps)
+
+
+def test_samplers_say_whether_they_have_a_single_step():
+    for sampler in (Euler(), Heun(), EDMStochastic(), Ancestral(eta=0.0)):
+        assert sampler.single_step
+    assert Ancestral().is_ancestral and not Ancestral().supports_churn and Ancestral().step_draws_noise
+    assert not Ancestral(eta=0.0).step_draws_noise and not Heun().is_ancestral and Heun().supports_churn
+    for sampler in (DPMpp2M(), Restart()):
+        assert not sampler.single_step
+        with pytest.raises(ValueError, match="base sampler must be a single-step sampler .*got " + type(sampler).__name__):
+            SamplingMDP(sampler, nfe=8)
+    with pytest.raises(ValueError, match="pass noise"):
+        Ancestral().step(lambda x, s: x, torch.zeros(2, 2), 2.0, 1.0)
+
+
+def test_setup_policy_sizes_and_returns_every_kind_of_policy():
+    mdp = SamplingMDP(Euler(), nfe=6)
+    knob = KnobPolicy({"step": Knob("step", -1, 1)})
+    const = ConstantKnobPolicy({"step": 0.1})
+    assert mdp.setup_policy(knob, SHAPE) is knob and knob.horizon == mdp.steps and knob.kind == "knob"
+    assert mdp.setup_policy(const, SHAPE) is const and const.horizon == mdp.steps and const.kind == "knob"
+    ancestral = SamplingMDP(ddpm(), nfe=6)
+    transition = TransitionPolicy(correction=False)
+    assert ancestral.setup_policy(transition, SHAPE) is transition and transition.kind == "transition"
+    torch.testing.assert_close(transition.ref_sigmas, ancestral.ref_sigmas.float())
+    with pytest.raises(ValueError, match=r"reference values of knobs \['step'\]"):
+        KnobPolicy({"step": Knob("step", -1, 1)}).setup(4, SHAPE)
+    with pytest.raises(ValueError, match="Reference.sigmas"):
+        TransitionPolicy().setup(4, SHAPE, Reference(knobs={}))
+
+
+def test_each_knob_gets_its_law():
+    from diffusion_irl.mdp.laws import BetaLaw, CategoricalLaw, SquashedGaussianLaw
+    assert type(Knob("step", -1, 1).law) is SquashedGaussianLaw
+    assert type(Knob("step", -1, 1, distribution="beta").law) is BetaLaw
+    assert type(Knob("churn", 0, 1, discrete=True, num=3).law) is CategoricalLaw
+    assert Knob("churn", 0, 1, discrete=True, num=3).law.num_params == 3 and Knob("step").law.num_params == 2
 
 
 # --- knob log-probs against torch.distributions --------------------------------------------------------------------
@@ -94,7 +170,7 @@ def _state(B: int, k: int, horizon: int, seed: int = 0) -> State:
 @pytest.mark.parametrize("low, high", [(-3.0, 3.0), (0.0, 1.0), (0.5, 4.0)])
 def test_squashed_gaussian_log_prob_matches_torch(low, high):
     knob = Knob("guidance", low, high)
-    policy = KnobPolicy({"guidance": knob}).setup(5, {"guidance": torch.linspace(low, high, 7)[1:6]}, SHAPE)
+    policy = KnobPolicy({"guidance": knob}).setup(5, SHAPE, Reference(knobs={"guidance": torch.linspace(low, high, 7)[1:6]}))
     perturb(policy)
     torch.manual_seed(1)
     for k in range(5):
@@ -113,7 +189,7 @@ def test_squashed_gaussian_log_prob_matches_torch(low, high):
 def test_beta_log_prob_matches_torch():
     low, high = -1.0, 3.0
     knob = Knob("step", low, high, distribution="beta")
-    policy = KnobPolicy({"step": knob}).setup(4, {"step": torch.tensor([0.0, 0.5, -0.5, 2.0])}, SHAPE)
+    policy = KnobPolicy({"step": knob}).setup(4, SHAPE, Reference(knobs={"step": torch.tensor([0.0, 0.5, -0.5, 2.0])}))
     perturb(policy, scale=0.3)
     torch.manual_seed(2)
     for k in range(4):
@@ -129,7 +205,7 @@ def test_beta_log_prob_matches_torch():
 def test_categorical_log_prob_matches_torch():
     grid = [0.0, 0.1, 0.3, 0.6]
     knob = Knob("churn", 0.0, 1.0, discrete=True, grid=grid, init_std=0.4)
-    policy = KnobPolicy({"churn": knob}).setup(3, {"churn": torch.tensor([0.0, 0.3, 0.6])}, SHAPE)
+    policy = KnobPolicy({"churn": knob}).setup(3, SHAPE, Reference(knobs={"churn": torch.tensor([0.0, 0.3, 0.6])}))
     # at the start, the reference value holds 1 - init_std of the mass
     probs = policy.tables["churn"].detach().exp()
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
@@ -174,7 +250,7 @@ def test_rescoring_knob_transitions_gives_the_stored_log_probs(kind, conditionin
     assert torch.isfinite(ent).all()
     # the stored raw actions are the knob values the transitions used
     for j, name in enumerate(policy.names):
-        torch.testing.assert_close(policy._value(policy.knobs[name], batch["raw"][:, j]),
+        torch.testing.assert_close(policy.laws[name].value(batch["raw"][:, j]),
                                    ro.knob_values[name].flatten())
 
 
@@ -245,7 +321,7 @@ def test_reference_churn_reproduces_edm_stochastic(oracle):
     noise = SampleNoise(torch.arange(50))
     action = ConstantKnobPolicy({"churn": float(ref[1])}).setup(mdp.steps).act(state)
     got, _, nfe = mdp.knob_step(oracle, state, action, noise)
-    x_hat, s_hat, _ = solvers.churn(x, sigma, ref[1].float(), noise.step(1, x, 0), base.S_noise)
+    x_hat, s_hat, _ = solvers.churn(x, sigma, ref[1].float(), noise.step(1, x, Slot.CHURN), base.S_noise)
     want, _ = solvers.heun_step(oracle, x_hat, s_hat, float(mdp.ref_sigmas[2]))
     torch.testing.assert_close(got, want)
     assert bool((nfe == 2).all())

@@ -23,14 +23,14 @@ from .conftest import ROOT
 from .helpers import compose_config
 
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "compare.progress=false"]
-SMALL = [*QUIET, "denoiser=analytic", "train.rollout_batch=64", "train.eval_every=0", "compare.num_samples=200",
+SMALL = [*QUIET, "denoiser=analytic", "system.rollout_batch=64", "system.eval_every=0", "compare.num_samples=200",
          "compare.seeds=[0]", "compare.samplers=[euler]", "compare.large_nfe=16", "compare.grid.num_samples=200",
          "compare.num_heldout=500", "data.n_train=5000", "data.n_heldout=2000"]
-TRAIN_ONLY = [*QUIET, "denoiser=analytic", "mdp.nfe=10", "train.rollout_batch=32", "train.disc_steps=2", "train.eval_every=0",
+TRAIN_ONLY = [*QUIET, "denoiser=analytic", "mdp.nfe=10", "system.rollout_batch=32", "system.disc_steps=2", "system.eval_every=0",
               "compare.enabled=false"]
 GMM8_SMALL = ["data.n_train=2000", "data.n_heldout=500"]
 # the loop settings the short run's numbers were measured with (pinned: the defaults of conf/train.yaml may be retuned)
-PINNED = ["mdp.nfe=10", "policy=step", "reward=kl", "algo=ppo", "train.disc_steps=16", "train.disc_batch=1024", "checkpoint.every_n_epochs=25", "algo.lr=0.01", "algo.epochs=4",
+PINNED = ["mdp.nfe=10", "policy=step", "reward=kl", "algo=ppo", "system.disc_steps=16", "system.disc_batch=1024", "checkpoint.every_n_epochs=25", "algo.lr=0.01", "algo.epochs=4",
           "algo.minibatches=4", "algo.clip_eps=0.2", "reward.logit_clip=5.0", "discriminator.lr=2e-4"]
 QUALITY_MARGIN = 0.003  # one seed-to-seed std of Euler@10's MMD at 1000 samples vs 2000 held-out (measured 0.0027)
 
@@ -189,7 +189,7 @@ def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     (["data=digits"], "MLPDiscriminator needs a vector shape"),  # the mlp discriminator on images
     (["compare.samplers=[euler,nope]"], r"compare.samplers names unknown sampler\(s\) \['nope'\]"),
     (["train.iterations=0"], "train.iterations must be an integer >= 1"),
-    (["train.rollout_batch=1"], "train.rollout_batch must be >= 2"),
+    (["system.rollout_batch=1"], "system.rollout_batch must be >= 2"),
     (["sampler@mdp.base=ddpm", "policy=churn"], "^policy / mdp: the churn knob needs an ODE / EDM base sampler"),
     (["policy=transition"], "^policy / mdp: a transition policy needs an ancestral base sampler"),
 ])
@@ -199,7 +199,7 @@ def test_bad_config_fails_before_compute(overrides, message, tmp_path, monkeypat
     def no_compute(*args, **kwargs):
         raise AssertionError("the config error should have been raised before the RL module is built")
 
-    monkeypatch.setattr(train_module, "SamplerPolicyModule", no_compute)
+    monkeypatch.setattr(train_module, "build_system", no_compute)
     monkeypatch.setattr(train_module, "output_dir", no_compute)
     monkeypatch.chdir(tmp_path)
     own_denoiser = any(o.startswith("denoiser=") for o in overrides)

@@ -6,15 +6,14 @@ Writes ``results.csv`` (long form: sampler,nfe,seed,metric,value), ``results.md`
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_irl.config import ConfigError, build, exit_on_config_error, require
-from diffusion_irl.evaluation import Evaluator, reference_for, scorer_for, write_outputs
+from diffusion_irl.config import build, exit_on_config_error, require
+from diffusion_irl.evaluation import Evaluator, reference_for, scorer_for, summarise, write_outputs
+from diffusion_irl.runs import check_shapes, compact_table, log_results, output_dir, quiet_third_party, report
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +32,10 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     require(ev.batch_size > 0, f"evaluate.batch_size must be > 0, got {ev.batch_size}")
 
 
-def check_shapes(denoiser, datamodule) -> None:
-    shape = tuple(getattr(denoiser, "shape", datamodule.shape))
-    if shape != tuple(datamodule.shape):
-        raise ConfigError(f"the denoiser works on samples of shape {shape} but data={datamodule.name} has shape "
-                          f"{tuple(datamodule.shape)}: pick a denoiser trained on this data")
-
-
-def output_dir() -> Path:
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # called outside @hydra.main (tests compose the config themselves)
-        return Path.cwd()
-
-
 def run(cfg: DictConfig):
     """Compose -> instantiate -> evaluate -> write. Returns the result rows."""
     check_evaluate_config(cfg)
+    quiet_third_party()
     datamodule = build(cfg, "data")
     datamodule.prepare_data()  # as Lightning does before setup(): downloads when data.download=true
     samplers = {name: build(cfg, f"samplers.{name}") for name in cfg.evaluate.samplers}
@@ -71,23 +57,13 @@ def run(cfg: DictConfig):
     rows = evaluator.run(denoiser, datamodule.shape)
     title = f"{datamodule.name}, denoiser={cfg.denoiser.get('_target_', '?').rsplit('.', 1)[-1]}, {ev.num_samples} samples, seeds {list(ev.seeds)}"
     paths = write_outputs(rows, output_dir(), title=title, sampler_order=list(samplers))
-    print(paths["md"].read_text())
-    print(f"results written to {paths['csv'].parent}")
+    report(f"{title}\n{compact_table(summarise(rows), list(samplers))}\nfull table: {paths['md']}; "
+           f"everything is in {paths['csv'].parent}")
     if logger is not None:
-        log_to_wandb(logger, paths, cfg)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_results(logger, paths["csv"], "evaluate", [paths["png"]], image_key="quality_vs_nfe")
+        logger.experiment.finish()
     return rows
-
-
-def log_to_wandb(logger, paths, cfg) -> None:
-    """The same table and plot in W&B (logger=wandb; offline unless the user turns it on)."""
-    import csv
-
-    with open(paths["csv"]) as f:
-        data = list(csv.reader(f))
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    logger.log_table(key="evaluate/results", columns=data[0], data=data[1:])
-    logger.log_image(key="evaluate/quality_vs_nfe", images=[str(paths["png"])])
-    logger.experiment.finish()
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")

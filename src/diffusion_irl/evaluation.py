@@ -1,7 +1,8 @@
-"""NFE-matched comparison of samplers on one denoiser with common random numbers (ALGORITHM.md section 7).
+"""NFE-matched comparison of samplers on one denoiser with common random numbers (docs/method.md section 7).
 
-Every sampler gets the same initial noise and the same per-step noise stream (``NoiseStream(seed)``) for each seed,
-the same held-out data, and the same metric code. A ``reference`` row scores fresh exact samples of the data law
+Every sampler gets the same initial noise and the same per-step noise for each seed (sample ``i`` of seed ``s``
+draws from its own per-sample seed ``sample_seeds(num_samples, "evaluate", s)[i]``, whatever the batch size), the
+same held-out data, and the same metric code. A ``reference`` row scores fresh exact samples of the data law
 (the metric's noise floor at that sample size); for data without an exact sampler, a sample of the training split
 stands in (still scored against held-out data).
 """
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusion_irl import seeding
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.samplers import Sampler
 
@@ -54,13 +56,16 @@ class Run:
 
 def generate(sampler: Sampler, denoiser: Callable, shape: Sequence[int], steps: int, num_samples: int, seed: int,
              batch_size: int, device: torch.device | str = "cpu") -> tuple[Tensor, int]:
-    """Draw ``num_samples`` samples in chunks of ``batch_size``; chunk c uses ``NoiseStream(seed, chunk c)``, so the
-    noise does not depend on the sampler. Returns the samples (on CPU) and the NFE counted per sample."""
+    """Draw ``num_samples`` samples in chunks of ``batch_size``. Sample ``i`` draws its initial and per-step noise
+    from its own seed ``sample_seeds(num_samples, "evaluate", seed)[i]`` (``NoiseStream(seeds=...)``), so every
+    sampler sees the same noise and the samples do not depend on the batch size (or on how chunks are split across
+    devices).
+    Returns the samples (on CPU) and the NFE counted per sample."""
     out, nfe = [], None
-    for c, start in enumerate(range(0, num_samples, batch_size)):
-        n = min(batch_size, num_samples - start)
-        noise = NoiseStream(seed * 1_000_003 + c, device=device)
-        res = sampler.sample(denoiser, (n, *shape), steps, noise)
+    per_sample = seeding.sample_seeds(num_samples, "evaluate", seed, device=device)
+    for start in range(0, num_samples, batch_size):
+        noise = NoiseStream(device=device, seeds=per_sample[start:start + batch_size])
+        res = sampler.sample(denoiser, (len(noise.seeds), *shape), steps, noise)
         if nfe is not None and res.nfe != nfe and not getattr(sampler, "variable_nfe", False):
             raise RuntimeError(f"{sampler.name}: chunks used different NFE ({nfe} vs {res.nfe})")
         nfe = res.nfe if nfe is None else max(nfe, res.nfe)  # samplers with per-sample NFE (renoise): the largest
@@ -277,7 +282,7 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
         law, cache = datamodule.law, {}  # held-out-only terms, reused across samplers (same heldout throughout)
 
         def score(x: Tensor, seed: int) -> dict[str, float]:
-            return sample_metrics(x, heldout, law, generator=torch.Generator().manual_seed(seed), cache=cache)
+            return sample_metrics(x, heldout, law, generator=seeding.generator("metrics", seed), cache=cache)
 
         return score
 
@@ -310,11 +315,11 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
 def reference_for(datamodule) -> Callable[[int, int], Tensor]:
     """Fresh exact samples where the law is known; otherwise a seeded subsample of the training split."""
     if datamodule.law is not None:
-        return lambda n, seed: datamodule.exact_samples(n, generator=torch.Generator().manual_seed(10_007 + seed))
+        return lambda n, seed: datamodule.exact_samples(n, generator=seeding.generator("reference", seed))
 
     def from_train(n: int, seed: int) -> Tensor:
         x = datamodule.train_samples()
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(10_007 + seed))[: min(n, len(x))]
+        idx = torch.randperm(len(x), generator=seeding.generator("reference", seed))[: min(n, len(x))]
         return x[idx]
 
     return from_train

@@ -1,41 +1,55 @@
-"""``SamplerPolicyModule``: the alternating loop of ALGORITHM.md section 6 as a LightningModule.
+"""``SamplerPolicyModule``: the alternating loop of docs/method.md section 6 as a LightningModule.
 
-One training "epoch" is one iteration (so checkpoints, resume and progress count iterations):
+One training "epoch" is one iteration (so checkpoints, resume and progress count iterations), in named stages:
 
-1. roll out ``rollout_batch`` trajectories per rank with the current policy, without gradients (states, actions,
-   old log-probs, per-sample NFE; the noise is replayable from the per-sample seeds);
-2. ``disc_steps`` discriminator steps on forward-noised training data vs the visited states at the same sigma,
-   balanced per step;
-3. rewards ``r_k = f-reward(logit(x_{k+1}, sigma_{k+1})) - nfe_cost * nfe_k`` from the updated discriminator,
-   per-step weights, returns-to-go; advantages with the per-step mean baseline (or a value network with GAE),
-   normalised per step over the global batch (gathered across ranks);
-4. PPO: ``algo.epochs`` passes of ``algo.minibatches`` minibatches over the transitions.
+1. :meth:`~SamplerPolicyModule.collect_rollout`: ``rollout_batch`` trajectories per rank with the current policy,
+   without gradients (states, actions, old log-probs, per-sample NFE; the noise is replayable from per-sample seeds);
+2. :meth:`~SamplerPolicyModule.fit_discriminator`: ``disc_steps`` steps on forward-noised training data vs the
+   visited states at the same sigma, balanced per step;
+3. :meth:`~SamplerPolicyModule.score_rollout` and :meth:`~SamplerPolicyModule.advantages`: rewards
+   ``r_k = f-reward(logit(x_{k+1}, sigma_{k+1})) - nfe_cost * nfe_k`` from the updated discriminator, per-step
+   weights, returns-to-go; advantages with the per-step mean baseline (or a value network with GAE), normalised per
+   step over the global batch (gathered across ranks);
+4. :meth:`~SamplerPolicyModule.update_policy`: :func:`~diffusion_irl.rl.ppo.ppo_update`;
+5. :meth:`~SamplerPolicyModule.log_iteration`: run-level scalars (``reward/``, ``disc/``, ``ppo/``, ``time/``) and
+   the per-step diagnostics as one table per iteration (``per_step``), not as dozens of scalar keys.
 
-All randomness of an iteration is a function of ``(seed, iteration, rank)``, so a run resumed from a checkpoint
-continues exactly as it would have. Under DDP (``strategy: ddp_find_unused_parameters_true``) every manual backward
-all-reduces the gradients of the part being trained; each rank rolls out its own trajectories.
+All randomness of an iteration is derived from ``(seed, iteration, rank)`` (:mod:`diffusion_irl.seeding`), so a run
+resumed from a checkpoint continues exactly as it would have. Under DDP (``strategy: ddp_find_unused_parameters_true``)
+every manual backward all-reduces the gradients of the part being trained; each rank rolls out its own trajectories.
 A non-finite reward or loss stops the run before any optimiser step, so the last checkpoint stays a good one.
 """
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from diffusion_irl.discriminator.module import paired_batch
 from diffusion_irl.mdp.env import Rollout, SamplingMDP
 from diffusion_irl.mdp.policies import ValueNet, frozen_copy
-from diffusion_irl.rl.ppo import PPO, explained_variance, gae, normalise_per_step, ppo_loss
+from diffusion_irl.rl.ppo import PPO, gae, normalise_per_step, ppo_update
 from diffusion_irl.rl.rewards import Reward, returns_to_go
+from diffusion_irl.seeding import generator, sample_seeds
 
-SEED_STRIDE = 1_000_003
+LOGIT_CHUNK = 8192  # states scored by the discriminator per call when computing rewards
 
 
 class NonFiniteError(FloatingPointError):
     """Raised when rewards or losses stop being finite (the run stops; the last checkpoint is kept)."""
+
+
+@dataclass
+class Scores:
+    """The discriminator's view of a rollout: ``logits`` [N, B] of the visited states and the rewards [N, B]."""
+
+    logits: Tensor
+    rewards: Tensor
 
 
 class SamplerPolicyModule(L.LightningModule):
@@ -56,14 +70,13 @@ class SamplerPolicyModule(L.LightningModule):
                  evaluate: Callable[["SamplerPolicyModule"], dict[str, float]] | None = None):
         super().__init__()
         if rollout_batch < 2:
-            raise ValueError(f"train.rollout_batch must be >= 2 (advantages need a batch), got {rollout_batch}")
+            raise ValueError(f"system.rollout_batch must be >= 2 (advantages need a batch), got {rollout_batch}")
         if disc_steps < 0 or disc_batch < 1:
-            raise ValueError(f"train.disc_steps must be >= 0 and train.disc_batch >= 1, got {disc_steps}, {disc_batch}")
+            raise ValueError(f"system.disc_steps must be >= 0 and system.disc_batch >= 1, got {disc_steps}, {disc_batch}")
         self.automatic_optimization = False
         self.denoiser = denoiser.eval() if isinstance(denoiser, nn.Module) else denoiser
         if isinstance(self.denoiser, nn.Module):
-            for p in self.denoiser.parameters():
-                p.requires_grad_(False)
+            self.denoiser.requires_grad_(False)
         self.mdp, self.policy, self.discriminator = mdp, policy, discriminator
         self.ref_policy = frozen_copy(policy) if algo.kl_coef > 0 else None
         self.value = ValueNet(train_data.shape[1:], mdp.horizon, sigma_data=getattr(policy, "sigma_data", 1.0)) \
@@ -76,34 +89,34 @@ class SamplerPolicyModule(L.LightningModule):
         self.register_buffer("weights", reward.weights(mdp.horizon))
         self.register_buffer("nfe_spent", torch.zeros((), dtype=torch.float64))  # all ranks' rollouts, in checkpoints
         self.timings: dict[str, float] = {}
+        self.per_step: dict[str, list[float]] = {}  # the last iteration's per-step diagnostics (one entry per step)
 
     # -- optimisers ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters")
-        opts = [torch.optim.Adam(params, lr=self.algo.lr), self.discriminator.make_optimizer()]
+        optimizers = [torch.optim.Adam(params, lr=self.algo.lr), self.discriminator.make_optimizer()]
         if self.value is not None:
-            opts.append(torch.optim.Adam(self.value.parameters(), lr=self.algo.value_lr))
-        return opts
+            optimizers.append(torch.optim.Adam(self.value.parameters(), lr=self.algo.value_lr))
+        return optimizers
 
     def train_dataloader(self):
         # one dummy batch per epoch: an epoch is one iteration of the loop
         return torch.utils.data.DataLoader([0], batch_size=1)
 
-    # -- helpers -------------------------------------------------------------------------------------------------
+    # -- randomness ----------------------------------------------------------------------------------------------
     @property
     def iteration(self) -> int:
         return int(self.current_epoch)
 
-    def _generator(self, purpose: int) -> torch.Generator:
-        key = ((self.seed * 7919 + self.iteration) * 4099 + self.global_rank) * 16 + purpose
-        return torch.Generator(device="cpu").manual_seed(key % (2**62))
+    def generator(self, purpose: str) -> torch.Generator:
+        """The CPU generator of ``purpose`` for this (seed, iteration, rank)."""
+        return generator(purpose, self.seed, self.iteration, self.global_rank)
 
     def rollout_seeds(self, iteration: int | None = None) -> Tensor:
         it = self.iteration if iteration is None else iteration
-        start = ((self.seed * 100_003 + it) * 1024 + self.global_rank) * SEED_STRIDE
-        return torch.arange(start, start + self.rollout_batch, dtype=torch.int64, device=self.device)
+        return sample_seeds(self.rollout_batch, "rollout", self.seed, it, self.global_rank, device=self.device)
 
     def _guide(self):
         return self.discriminator if self.mdp.guidance == "dg" else None
@@ -112,146 +125,134 @@ class SamplerPolicyModule(L.LightningModule):
         return self.mdp.rollout(self.denoiser, self.policy, self.rollout_seeds(iteration), self.shape,
                                 discriminator=self._guide())
 
+    # -- small helpers -------------------------------------------------------------------------------------------
     def _gather_stats(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """Per-step mean and std of ``values`` [B, N] over the global batch (all ranks)."""
-        g = self.all_gather(values.detach())
-        g = g.reshape(-1, values.shape[1]) if g.ndim == 3 else g
-        return g.mean(0), (g.std(0) if g.shape[0] > 1 else torch.ones_like(g[0]))
+        gathered = self.all_gather(values.detach())
+        gathered = gathered.reshape(-1, values.shape[1]) if gathered.ndim == 3 else gathered
+        std = gathered.std(0) if gathered.shape[0] > 1 else torch.ones_like(gathered[0])
+        return gathered.mean(0), std
 
-    @staticmethod
-    def _check_finite(name: str, value: Tensor, iteration: int):
+    def check_finite(self, name: str, value: Tensor) -> None:
         if not torch.isfinite(value).all():
-            raise NonFiniteError(f"non-finite {name} at iteration {iteration}: the run stops here; the last checkpoint "
-                                 "(checkpoints/last.ckpt) holds the last good state")
+            raise NonFiniteError(f"non-finite {name} at iteration {self.iteration}: the run stops here; the last "
+                                 "checkpoint (checkpoints/last.ckpt) holds the last good state")
 
-    # -- one iteration -------------------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        opts = self.optimizers()
-        opt_pi, opt_d = opts[0], opts[1]
-        opt_v = opts[2] if self.value is not None else None
-        it = self.iteration
-        logs: dict[str, float] = {}
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = time.perf_counter() - start
 
-        t0 = time.perf_counter()
+    # -- the stages of one iteration -----------------------------------------------------------------------------
+    def collect_rollout(self) -> Rollout:
+        """Stage 1: trajectories of the current policy (no gradients); counts the denoiser evaluations spent."""
         self.policy.eval()
         # knob policies draw their actions from torch's global generators: seed them from (seed, iteration, rank)
         # too, or a run resumed from a checkpoint would not continue as the uninterrupted one
-        torch.manual_seed(self._generator(0).initial_seed())
-        ro = self.rollout()
-        self.nfe_spent += self.all_gather(ro.nfe.sum().to(torch.float64)).sum()
-        t1 = time.perf_counter()
+        torch.manual_seed(self.generator("policy-actions").initial_seed())
+        rollout = self.rollout()
+        self.nfe_spent += self.all_gather(rollout.nfe.sum().to(torch.float64)).sum()
+        return rollout
 
-        # 2. discriminator: forward-noised training data vs visited states, same sigma, balanced per step
-        N, B = ro.sigma.shape
-        fake = ro.x_next.flatten(0, 1)
-        sig = ro.sigma_next.flatten()
-        steps = torch.arange(N, device=self.device).repeat_interleave(B)
-        g = self._generator(1)
-        idx = torch.randint(len(self.train_data), (N * B,), generator=g)
-        x0 = self.train_data[idx].to(self.device)
-        real = x0 + sig.view(-1, *([1] * len(self.shape))) * torch.randn(x0.shape, generator=g).to(self.device)
+    def fit_discriminator(self, rollout: Rollout, optimizer) -> dict[str, Tensor]:
+        """Stage 2: ``disc_steps`` steps on visited states vs training data forward-noised at the same sigma."""
+        fake, sigma = rollout.x_next.flatten(0, 1), rollout.sigma_next.flatten()
+        steps, batch = rollout.sigma.shape
+        step_index = torch.arange(steps, device=self.device).repeat_interleave(batch)
+        rng = self.generator("discriminator")
         self.discriminator.train()
-        d_diag: dict[str, Tensor] = {}
+        diag: dict[str, Tensor] = {}
         for _ in range(self.disc_steps):
-            mb = torch.randperm(N * B, generator=g)[: self.disc_batch].to(self.device)
-            loss_d, d_diag = self.discriminator.loss(real[mb], fake[mb], sig[mb], sig[mb], steps[mb], steps[mb], N)
-            self._check_finite("discriminator loss", loss_d, it)
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(loss_d)
-            opt_d.step()
-        t2 = time.perf_counter()
+            chosen = torch.randperm(len(fake), generator=rng)[: self.disc_batch].to(self.device)
+            pairs = paired_batch(self.train_data, fake[chosen], sigma[chosen], step_index[chosen], rng)
+            loss, diag = self.discriminator.batch_loss(pairs, num_steps=steps)
+            self.check_finite("discriminator loss", loss)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+        return diag
 
-        # 3. rewards, returns, advantages
+    @torch.no_grad()
+    def score_rollout(self, rollout: Rollout) -> Scores:
+        """Stage 3a: the updated discriminator's logits of every visited state and the rewards [N, B]."""
         self.discriminator.eval()
-        with torch.no_grad():
-            logits = torch.cat([self.discriminator(fake[i:i + 8192], sig[i:i + 8192]) for i in range(0, N * B, 8192)])
-            logits = logits.view(N, B)
-            acc_fake = (logits < 0).float().mean(1)
-            r = self.reward(logits) - self.reward.nfe_cost * ro.nfe       # [N, B]
-        self._check_finite("rewards", r, it)
-        rewards = (r * self.weights.unsqueeze(1)).T                        # [B, N], weighted
-        tr = ro.transitions()
+        fake, sigma = rollout.x_next.flatten(0, 1), rollout.sigma_next.flatten()
+        logits = torch.cat([self.discriminator(fake[i:i + LOGIT_CHUNK], sigma[i:i + LOGIT_CHUNK])
+                            for i in range(0, len(fake), LOGIT_CHUNK)]).view_as(rollout.sigma)
+        rewards = self.reward(logits) - self.reward.nfe_cost * rollout.nfe
+        self.check_finite("rewards", rewards)
+        return Scores(logits=logits, rewards=rewards)
+
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> dict[str, Tensor]:
+        """Stage 3b: the rollout's transitions (step-major) with ``adv`` and, with a value network, ``target``."""
+        transitions = rollout.transitions()
+        steps, batch = rewards.shape
         if self.value is not None:
             with torch.no_grad():
-                v = self.value(tr["x"], tr["sigma"], tr["k"]).view(N, B).T
-            adv, targets = gae(rewards, v, self.algo.gae_lambda)
+                values = self.value(transitions["x"], transitions["sigma"], transitions["k"]).view(steps, batch).T
+            adv, targets = gae((rewards * self.weights.unsqueeze(1)).T, values, self.algo.gae_lambda)
+            transitions["target"] = targets.T.flatten()
         else:
-            adv = returns_to_go(r.T, self.weights)
-            targets = None
+            adv = returns_to_go(rewards.T, self.weights)
         mean, std = self._gather_stats(adv)
         adv = normalise_per_step(adv, mean, std) if self.algo.normalise else adv - mean
-        tr["adv"] = adv.T.flatten()                                        # step-major, like the transitions
-        if targets is not None:
-            tr["target"] = targets.T.flatten()
+        transitions["adv"] = adv.T.flatten()
+        return transitions
 
-        # 4. PPO
+    def update_policy(self, transitions: dict[str, Tensor], optimizers) -> dict[str, float]:
+        """Stage 4: the PPO epochs over the transitions (and the value network's regression)."""
         self.policy.train()
-        M = int(tr["mask"].sum())
-        keep = tr["mask"].nonzero().squeeze(1)
-        mb_size = max(1, math.ceil(M / self.algo.minibatches))
-        diags: list[dict[str, Tensor]] = []
-        for _ in range(self.algo.epochs):
-            perm = keep[torch.randperm(M, generator=g).to(self.device)]
-            for start in range(0, M, mb_size):
-                sel = perm[start:start + mb_size]
-                mb = {key: val[sel] for key, val in tr.items()}
-                logp, ent = self.policy.log_prob(mb)
-                logp_ref = self.ref_policy.log_prob(mb)[0] if self.ref_policy is not None else None
-                loss, diag = ppo_loss(logp, mb["logp"], mb["adv"], self.algo.clip_eps, logp_ref, self.algo.kl_coef,
-                                      ent, self.algo.ent_coef)
-                self._check_finite("PPO loss", loss, it)
-                opt_pi.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                if self.algo.max_grad_norm is not None:
-                    diag["ppo/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.policy.parameters() if p.requires_grad], self.algo.max_grad_norm)
-                opt_pi.step()
-                if self.value is not None:
-                    pred = self.value(mb["x"], mb["sigma"], mb["k"])
-                    v_loss = self.algo.value_coef * (pred - mb["target"]).pow(2).mean()
-                    self._check_finite("value loss", v_loss, it)
-                    opt_v.zero_grad(set_to_none=True)
-                    self.manual_backward(v_loss)
-                    opt_v.step()
-                    diag["ppo/value_loss"] = v_loss.detach()
-                    diag["ppo/explained_variance"] = explained_variance(pred.detach(), mb["target"])
-                diags.append(diag)
-        t3 = time.perf_counter()
+        value_optimizer = optimizers[2] if self.value is not None else None
+        return ppo_update(self.policy, transitions, self.algo, optimizers[0], self.generator("ppo"),
+                          ref_policy=self.ref_policy, value=self.value, value_optimizer=value_optimizer,
+                          backward=self.manual_backward, check=self.check_finite)
 
-        # 5. log
-        for key in diags[0] if diags else []:
-            logs[key] = float(torch.stack([d[key].float() for d in diags]).mean())
-        for key, val in d_diag.items():
-            if val.ndim == 0:
-                logs[key] = float(val)
-        logs["disc/acc_fake"] = float(acc_fake.mean())
-        for k in range(N):
-            logs[f"disc_step/acc_fake_{k:02d}"] = float(acc_fake[k])
-            logs[f"reward_step/mean_{k:02d}"] = float(r[k].mean())
-            logs[f"reward_step/std_{k:02d}"] = float(r[k].std())
-        logs["reward/mean"] = float(r.mean())
-        logs["reward/return"] = float((r * self.weights.unsqueeze(1)).sum(0).mean())
-        logs["reward/terminal_logit"] = float(logits[-1].mean())
-        logs["rollout/nfe"] = float(ro.nfe.sum(0).mean())
-        for name, val in ro.knob_values.items():
-            logs[f"knob/{name}_mean"] = float(val.mean())
-        for name, sched in self.policy.schedule().items():
-            for k, v in enumerate(sched.tolist()):
-                logs[f"schedule/{name}_{k:02d}"] = float(v)
-        self.timings = {"rollout": t1 - t0, "discriminator": t2 - t1, "ppo": t3 - t2}
-        for key, val in self.timings.items():
-            logs[f"time/{key}_s"] = val
+    def training_step(self, batch, batch_idx):
+        optimizers = self.optimizers()
+        with self._timed("rollout"):
+            rollout = self.collect_rollout()
+        with self._timed("discriminator"):
+            disc_diag = self.fit_discriminator(rollout, optimizers[1])
+        with self._timed("ppo"):
+            scores = self.score_rollout(rollout)
+            transitions = self.advantages(rollout, scores.rewards)
+            ppo_diag = self.update_policy(transitions, optimizers)
+        self.log_iteration(rollout, scores, disc_diag, ppo_diag)
+
+    # -- logging -------------------------------------------------------------------------------------------------
+    def log_iteration(self, rollout: Rollout, scores: Scores, disc_diag: dict[str, Tensor],
+                      ppo_diag: dict[str, float]) -> None:
+        """Stage 5: run-level scalars, the progress-bar numbers and the per-step table."""
+        rewards, acc_fake = scores.rewards, (scores.logits < 0).float().mean(1)
+        logs = dict(ppo_diag)
+        logs.update({key: float(val) for key, val in disc_diag.items() if val.ndim == 0})
+        logs.update({"disc/acc_fake": float(acc_fake.mean()), "reward/mean": float(rewards.mean()),
+                     "reward/return": float((rewards * self.weights.unsqueeze(1)).sum(0).mean()),
+                     "reward/terminal_logit": float(scores.logits[-1].mean()),
+                     "rollout/nfe": float(rollout.nfe.sum(0).mean())})
+        logs.update({f"knob/{name}_mean": float(val.mean()) for name, val in rollout.knob_values.items()})
+        logs.update({f"time/{stage}_s": seconds for stage, seconds in self.timings.items()})
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1)
-        self.log("reward", logs["reward/mean"], prog_bar=True, on_epoch=True, batch_size=1)
-        self.log("d_acc", logs.get("disc/acc", float("nan")), prog_bar=True, on_epoch=True, batch_size=1)
-        self.log("kl", logs.get("ppo/approx_kl", float("nan")), prog_bar=True, on_epoch=True, batch_size=1)
+        for name, key in (("reward", "reward/mean"), ("d_acc", "disc/acc"), ("kl", "ppo/approx_kl")):
+            self.log(name, logs.get(key, float("nan")), prog_bar=True, on_epoch=True, batch_size=1)
+        self.per_step = {"sigma": rollout.sigma_next.mean(1).tolist(), "reward_mean": rewards.mean(1).tolist(),
+                         "reward_std": rewards.std(1).tolist(), "disc_acc_fake": acc_fake.tolist()}
+        self.per_step.update({name: sched.tolist() for name, sched in self.policy.schedule().items()})
+        self._log_per_step_table()
+
+    def _log_per_step_table(self) -> None:
+        logger = self.logger
+        if logger is None or not hasattr(logger, "log_table") or not self.trainer.is_global_zero:
+            return
+        columns = ["iteration", "step", *self.per_step]
+        rows = [[self.iteration, k, *values] for k, values in enumerate(zip(*self.per_step.values()))]
+        logger.log_table(key="per_step", columns=columns, data=rows)
 
     def on_train_epoch_end(self) -> None:
         it = self.iteration + 1
         if self.evaluate_fn is not None and self.eval_every > 0 and it % self.eval_every == 0:
             if self.trainer.is_global_zero:
                 metrics = self.evaluate_fn(self)
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                print(f"iteration {it}: held-out {shown} (reward {self.trainer.callback_metrics.get('reward', float('nan')):.3f})")
                 for key, val in metrics.items():
                     self.log(f"eval/{key}", float(val), rank_zero_only=True, batch_size=1)

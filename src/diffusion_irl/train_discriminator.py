@@ -1,6 +1,6 @@
 """``python -m diffusion_irl.train_discriminator``: train a noise-conditional discriminator against a FIXED sampler.
 
-The discriminator-guidance setting (Kim et al. 2023) and the first half of the IRL loop (ALGORITHM.md section 4),
+The discriminator-guidance setting (Kim et al. 2023) and the first half of the IRL loop (docs/method.md section 4),
 with the policy frozen at the base sampler:
 
 1. The sampler (``sampler@sampler``, budget ``train.nfe`` -> steps) draws ``train.num_fake`` trajectories once
@@ -29,12 +29,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_irl.config import ConfigError, build, exit_on_config_error, require
-from diffusion_irl.discriminator.module import DiscriminatorModule, forward_noise
+from diffusion_irl.discriminator.module import DiscriminatorModule, forward_noise, paired_batch
 from diffusion_irl.sampling.noise import NoiseStream
+from diffusion_irl.seeding import derive_seed, generator, sample_seeds
 from diffusion_irl.sampling.samplers import Sampler
 
-# fake trajectories use NoiseStream(_STREAM + ...), far from the evaluator's NoiseStream(seed * 1_000_003 + chunk)
-_STREAM, _HELDOUT_STREAM = 1 << 40, 1 << 41
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -47,15 +46,17 @@ def check_config(cfg: DictConfig) -> None:
         require(isinstance(t.get(key), bool), f"train.{key} must be true or false, got {t.get(key)!r}")
 
 
-def generate_states(sampler: Sampler, denoiser, shape: Sequence[int], steps: int, num: int, stream: int,
+def generate_states(sampler: Sampler, denoiser, shape: Sequence[int], steps: int, num: int, seed: int,
                     batch_size: int, device: str | torch.device = "cpu", terminal_only: bool = False):
-    """Run the sampler on ``num`` trajectories (chunk c uses ``NoiseStream(stream + c)``) and return the fake states
+    """Run the sampler on ``num`` trajectories (per-sample noise from ``sample_seeds(num, "fake-states", seed)``,
+    so the states do not depend on ``batch_size``) and return the fake states
     ``(x [M, *shape], sigma [M], step [M])`` on CPU: every visited ``x_next`` with its ``sigma_next`` and step index,
     or only the final samples (sigma 0, the last step) when ``terminal_only``."""
     xs, sigmas, idx = [], [], []
-    for c, start in enumerate(range(0, num, batch_size)):
+    per_sample = sample_seeds(num, "fake-states", seed, device=device)
+    for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
-        noise = NoiseStream(stream + c, device=device)
+        noise = NoiseStream(device=device, seeds=per_sample[start:start + n])
 
         def keep(info):
             xs.append(info.x_next.detach().float().cpu())
@@ -83,15 +84,14 @@ class PairedBatches:
         return len(self.fake)
 
     def __call__(self, indices: Sequence[int]):
-        g = self.generator
+        generator = self.generator
         idx = torch.as_tensor(indices, dtype=torch.long)
         fake, sigma, step = self.fake[idx], self.sigma[idx], self.step[idx]
         if self.levels is not None:
-            step = torch.randint(len(self.levels), (len(idx),), generator=g)
+            step = torch.randint(len(self.levels), (len(idx),), generator=generator)
             sigma = self.levels[step]
-            fake = forward_noise(fake, sigma, g)
-        real = forward_noise(self.data[torch.randint(len(self.data), (len(idx),), generator=g)], sigma, g)
-        return real, fake, sigma, sigma.clone(), step, step.clone()
+            fake = forward_noise(fake, sigma, generator)
+        return paired_batch(self.data, fake, sigma, step, generator).as_tuple()
 
 
 def heldout_set(pairs: PairedBatches, batch_size: int) -> TensorDataset:
@@ -132,14 +132,14 @@ def train_discriminator(cfg: DictConfig) -> float:
 
     levels = sampler.sigmas(steps)[1:].float() if t.terminal_only and t.noise_terminal else None
     fakes = {}
-    for split, num, stream in (("train", t.num_fake, _STREAM), ("heldout", t.num_heldout, _HELDOUT_STREAM)):
-        fakes[split] = generate_states(sampler, denoiser, shape, steps, num, stream + cfg.seed * 1_000_003,
+    for split, num in (("train", t.num_fake), ("heldout", t.num_heldout)):
+        fakes[split] = generate_states(sampler, denoiser, shape, steps, num, derive_seed("fake-states", split, cfg.seed),
                                        t.generate_batch_size, device, t.terminal_only)
     num_steps = steps if levels is None else len(levels)
     num_steps = max(num_steps, int(fakes["train"][2].max()) + 1)
     train_pairs = PairedBatches(datamodule.train_samples(), *fakes["train"], levels=levels)
     held = heldout_set(PairedBatches(datamodule.heldout(), *fakes["heldout"], levels=levels,
-                                     generator=torch.Generator().manual_seed(cfg.seed + 7)), t.batch_size)
+                                     generator=generator("heldout-pairs", cfg.seed)), t.batch_size)
     train_loader = DataLoader(range(len(train_pairs)), batch_size=t.batch_size, shuffle=True,
                               drop_last=len(train_pairs) > t.batch_size, collate_fn=train_pairs)
     trainer.fit(module, train_dataloaders=train_loader,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from diffusion_irl import seeding
 from diffusion_irl.data.toy2d import Law
 
 
@@ -102,7 +103,7 @@ class ToyDataModule(DiffusionDataModule):
     Args:
         law: the exact law (``diffusion_irl.data.toy2d``).
         n_train, n_heldout: sizes of the two draws.
-        seed: the training draw uses ``seed``, the held-out draw ``seed + 1_000_003``.
+        seed: the training draw uses ``seed``, the held-out draw ``derive_seed("heldout", seed)``.
         shape, num_classes: optional declarations (the data config states them for interpolation into other
             configs); checked against the law (``[law.dim]``, 0), a mismatch is a ``ValueError``.
     """
@@ -127,7 +128,7 @@ class ToyDataModule(DiffusionDataModule):
 
     def _load(self):
         g_train = torch.Generator().manual_seed(self.seed)
-        g_held = torch.Generator().manual_seed(self.seed + 1_000_003)
+        g_held = seeding.generator("heldout", self.seed)
         x_train = self.law.sample(self.n_train, generator=g_train)
         x_held = self.law.sample(self.n_heldout, generator=g_held)
         zeros = lambda x: torch.zeros(len(x), dtype=torch.long)  # noqa: E731

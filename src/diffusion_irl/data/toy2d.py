@@ -1,6 +1,6 @@
 """Two-dimensional laws with exact samplers; Gaussian mixtures also with exact (noisy) densities.
 
-The Gaussian mixture is the project's oracle (ALGORITHM.md section 1): for
+The Gaussian mixture is the project's oracle (docs/method.md section 1): for
 ``p = sum_j w_j N(mu_j, s_j^2 I)`` the forward-noised marginal is
 ``q_sigma = sum_j w_j N(mu_j, (s_j^2 + sigma^2) I)`` and the exact denoiser is
 ``D(x, sigma) = sum_j r_j(x) [mu_j + s_j^2 / (s_j^2 + sigma^2) (x - mu_j)]``.
@@ -106,7 +106,7 @@ class GaussianMixture(Law):
         return torch.softmax(self.component_log_probs(x, sigma), dim=1)
 
     def denoise(self, x: Tensor, sigma: float | Tensor) -> Tensor:
-        """Exact ``E[x0 | x0 + sigma n = x]`` (ALGORITHM.md section 1): [B, d]."""
+        """Exact ``E[x0 | x0 + sigma n = x]`` (docs/method.md section 1): [B, d]."""
         means, stds, _ = self._params(x)
         s = batch_sigma(sigma, x)[:, None]
         r = self.responsibilities(x, s[:, 0])  # [B, K]
@@ -132,7 +132,7 @@ class GaussianMixture(Law):
 
 
 def gmm8(radius: float = 4.0, std: float = 0.3) -> GaussianMixture:
-    """8 equal components on a circle (ALGORITHM.md section 8: radius 4, std 0.3)."""
+    """8 equal components on a circle (docs/method.md section 8: radius 4, std 0.3)."""
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
     law = GaussianMixture(torch.stack([radius * angles.cos(), radius * angles.sin()], 1), std)
     law.name = "gmm8"

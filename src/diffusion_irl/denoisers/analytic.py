@@ -1,4 +1,4 @@
-"""The exact Gaussian-mixture denoiser (ALGORITHM.md section 1): the project's oracle."""
+"""The exact Gaussian-mixture denoiser (docs/method.md section 1): the project's oracle."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """DenoiserModule: EDM training of a raw network (Lightning), with EMA weights and self-contained checkpoints.
 
-Loss (ALGORITHM.md section 1): ``lambda(s) ||D(x0 + s n, s) - x0||^2`` with ``ln s ~ N(P_mean, P_std^2)``,
+Loss (docs/method.md section 1): ``lambda(s) ||D(x0 + s n, s) - x0||^2`` with ``ln s ~ N(P_mean, P_std^2)``,
 ``lambda = 1 / c_out^2``, averaged over batch and dimensions (so the number is per dimension, ~1 at the start).
 
 A checkpoint rebuilds its denoiser alone: the network's Hydra config (``_target_`` + arguments) is kept in the

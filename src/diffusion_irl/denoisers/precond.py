@@ -1,6 +1,6 @@
 """Wrappers that turn a raw network into the project's one object, the denoiser ``D(x, sigma) ~ E[x0 | x]``.
 
-Contract (ALGORITHM.md section 1): ``D(x, sigma, class_labels=None)`` takes ``x`` [B, *shape] and ``sigma`` (a float,
+Contract (docs/method.md section 1): ``D(x, sigma, class_labels=None)`` takes ``x`` [B, *shape] and ``sigma`` (a float,
 a 0-d tensor or a [B] tensor) and returns a tensor of x's shape and dtype; ``D.shape`` is one sample's shape.
 Samplers call only ``D(x, sigma)``.
 

@@ -1,4 +1,4 @@
-"""Discriminator training (ALGORITHM.md section 4): the balanced logistic loss and a Lightning module around it.
+"""Discriminator training (docs/method.md section 4): the balanced logistic loss and a Lightning module around it.
 
 Positives ("real", logit > 0) are forward-noised data ``x0 + sigma n``; negatives ("fake") are sampler states at the
 same noise levels. With the two classes weighted equally at each noise level, the loss is minimised by
@@ -11,6 +11,7 @@ A checkpoint rebuilds its discriminator alone: the network's Hydra config is kep
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,32 @@ def forward_noise(x0: Tensor, sigma: float | Tensor, generator: torch.Generator 
     """``x0 + sigma n``, ``n ~ N(0, I)``, with a per-sample sigma (a scalar or [B])."""
     n = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return x0 + append_dims(batch_sigma(sigma, x0), x0.ndim) * n
+
+
+@dataclass
+class DiscriminatorBatch:
+    """Positives and negatives at the same noise levels: ``real`` [B, *shape] (data forward-noised at ``sigma``),
+    ``fake`` [B, *shape] (sampler states at ``sigma``), ``sigma`` [B] and ``step`` [B] (the step index, for the
+    per-step balance)."""
+
+    real: Tensor
+    fake: Tensor
+    sigma: Tensor
+    step: Tensor
+
+    def as_tuple(self) -> tuple[Tensor, ...]:
+        """``(real, fake, sigma_real, sigma_fake, step_real, step_fake)``, the standalone training batch."""
+        return self.real, self.fake, self.sigma, self.sigma.clone(), self.step, self.step.clone()
+
+
+def paired_batch(data: Tensor, fake: Tensor, sigma: Tensor, step: Tensor,
+                 generator: torch.Generator | None = None) -> DiscriminatorBatch:
+    """Pair each fake state with a random point of ``data`` (the training split) forward-noised at the fake
+    state's sigma, so both classes hold the same noise levels. The random draws come from ``generator`` on the
+    data's device; the batch lands on the fake states' device."""
+    idx = torch.randint(len(data), (len(fake),), generator=generator)
+    real = forward_noise(data[idx.to(data.device)], sigma.to(data.device), generator).to(fake.device)
+    return DiscriminatorBatch(real=real, fake=fake, sigma=sigma, step=step)
 
 
 def _per_step_mean(values: Tensor, step: Tensor, num_steps: int) -> tuple[Tensor, Tensor]:
@@ -123,6 +150,10 @@ class DiscriminatorModule(L.LightningModule):
 
     def forward(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         return self.net(x, sigma)
+
+    def batch_loss(self, batch: DiscriminatorBatch, num_steps: int | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """:meth:`loss` of a :class:`DiscriminatorBatch` (per-step balanced)."""
+        return self.loss(batch.real, batch.fake, batch.sigma, batch.sigma, batch.step, batch.step, num_steps)
 
     def loss(self, real: Tensor, fake: Tensor, sigma_real: float | Tensor, sigma_fake: float | Tensor,
              step_real: Tensor | None = None, step_fake: Tensor | None = None, num_steps: int | None = None,

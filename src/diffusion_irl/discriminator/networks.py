@@ -1,4 +1,4 @@
-"""Noise-conditional discriminators ``d(x, sigma) -> logit [B]`` (ALGORITHM.md sections 2 and 4).
+"""Noise-conditional discriminators ``d(x, sigma) -> logit [B]`` (docs/method.md sections 2 and 4).
 
 A positive logit means "real": forward-noised data ``q_sigma``. Trained with the logistic loss against samples of a
 law ``p_sigma`` (balanced classes), the optimal logit is ``log q_sigma(x) - log p_sigma(x)``.

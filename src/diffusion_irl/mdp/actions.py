@@ -1,4 +1,4 @@
-"""Knob actions (ALGORITHM.md section 3): low-dimensional per-step choices that modify a base sampler's step.
+"""Knob actions (docs/method.md section 3): low-dimensional per-step choices that modify a base sampler's step.
 
 | knob       | value                                   | effect at step k                                              | reference |
 |------------|-----------------------------------------|---------------------------------------------------------------|-----------|
@@ -8,7 +8,8 @@
 | `renoise`  | r >= 0                                  | after the step, jump up to ``sigma_{k+1}(1 + r)`` and step back (extra NFE) | 0 |
 
 A knob is continuous on ``[low, high]`` (squashed Gaussian or Beta policy) or discrete on ``grid``
-(categorical). The same knob objects define the grid search over constant values (``grid_values``).
+(categorical); ``Knob.law`` is the law object (``mdp/laws.py``) a knob policy puts on it. The same knob objects
+define the grid search over constant values (``grid_values``).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffusion_irl.mdp.laws import CONTINUOUS_LAWS, KnobLaw, law_of
+
 KNOBS = ("step", "churn", "guidance", "renoise")
-CONTINUOUS = ("squashed_gaussian", "beta")
+CONTINUOUS = tuple(CONTINUOUS_LAWS)  # the continuous laws' names: squashed_gaussian, beta
 
 
 @dataclass
@@ -76,6 +79,11 @@ class Knob:
     def size(self) -> int:
         """Number of categories (discrete) or 1 (continuous)."""
         return len(self.grid_values()) if self.discrete else 1
+
+    @property
+    def law(self) -> KnobLaw:
+        """The law a knob policy puts on this knob (``mdp/laws.py``)."""
+        return law_of(self)
 
 
 @dataclass

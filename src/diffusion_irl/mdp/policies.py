@@ -1,9 +1,13 @@
-"""Policies of the sampling MDP (ALGORITHM.md section 3), behind one interface:
+"""Policies of the sampling MDP (docs/method.md section 3), behind one interface:
 
+- ``kind``: ``"knob"`` (actions are knob values the MDP applies to the base sampler's step) or ``"transition"``
+  (the policy's Gaussian move is the step); the MDP tells policies apart by this attribute alone;
+- ``setup(horizon, shape, reference) -> policy`` sizes the policy for the MDP's horizon, starting at the base
+  sampler (a :class:`Reference`); ``SamplingMDP.setup_policy(policy, shape)`` calls it;
 - ``act(state, deterministic=False) -> Action`` draws an action (or takes the policy's mode) with its log-prob;
 - ``log_prob(batch) -> (logp, entropy)`` re-scores stored transitions (a dict of tensors, see ``mdp/env.py``).
 
-Knob policies (:class:`KnobPolicy`) put a law on a few knobs per step (``mdp/actions.py``): a product over knobs of
+Knob policies (:class:`KnobPolicy`) put a law on a few knobs per step (``mdp/laws.py``): a product over knobs of
 a squashed Gaussian, a Beta (continuous, bounded) or a categorical (discrete). Each law is parametrised by a per-step
 table, initialised at the knob's reference value (the base sampler), plus optionally a zero-initialised MLP of
 ``(log sigma_k, k / N, features of x_k)`` (``conditioning: state``). The open-loop variant (``conditioning: step``)
@@ -19,15 +23,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Beta, Categorical, Normal
 
 from diffusion_irl.config import plain
 from diffusion_irl.mdp.actions import Knob
+from diffusion_irl.mdp.laws import KnobLaw
 from diffusion_irl.sampling.solvers import ancestral_sigmas
 from diffusion_irl.tensors import append_dims
 
@@ -45,6 +49,17 @@ class Action:
     raw: Tensor                  # [B, num_knobs]: what is stored and re-scored (pre-squash / category index)
     values: dict[str, Tensor]    # knob name -> [B] value used by the transition
     logp: Tensor                 # [B]
+
+
+@dataclass
+class Reference:
+    """What the base sampler does on each of the MDP's N steps: a fresh policy starts there (the reference policy).
+
+    sigmas: [N + 1] the base sampler's noise levels (transition policies start on its ancestral step).
+    knobs: knob name -> [N] the knob value that reproduces the base sampler at each step (knob policies)."""
+
+    sigmas: Tensor | None = None
+    knobs: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 def _features(x: Tensor, sigma: Tensor, k: Tensor, horizon: int, use_x: bool, sigma_data: float) -> Tensor:
@@ -77,17 +92,33 @@ def _mlp(inp: int, out: int, hidden: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers, last)
 
 
-class _Horizon(nn.Module):
-    """Shared bookkeeping: policies are sized by the MDP (``setup``) before use."""
+class Policy(nn.Module):
+    """What every policy shares. Class attributes: ``kind`` (``"knob"`` or ``"transition"``), ``names`` (the knobs
+    it sets, in ``Action.raw`` order), ``knobs`` (name -> :class:`Knob` of the knobs it puts a law on; empty for
+    fixed-value and transition policies), ``eval_mode`` and ``per_step_table`` (its deterministic actions depend on
+    the step index alone, so ``PolicySampler`` computes them once per batch)."""
 
+    kind: ClassVar[str] = ""
+    eval_mode: str = "deterministic"
+    per_step_table: bool = False
     horizon: int = 0
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+        self.knobs: dict[str, Knob] = {}
+
+    def setup(self, horizon: int, shape: Sequence[int] = (), reference: Reference | None = None) -> "Policy":
+        """Size the policy for ``horizon`` steps on states of ``shape`` (without the batch dimension), starting at
+        ``reference`` (the base sampler). Returns the policy."""
+        raise NotImplementedError  # pragma: no cover
 
     def _check_setup(self):
         if not self.horizon:
             raise RuntimeError(f"{type(self).__name__}.setup(...) must be called (by the MDP) before use")
 
 
-class KnobPolicy(_Horizon):
+class KnobPolicy(Policy):
     """Args:
         knobs: name -> :class:`Knob` (Hydra builds them from ``policy.knobs``).
         conditioning: ``step`` (open loop: a per-step table) or ``state`` (table + MLP of sigma, k and, with
@@ -97,7 +128,7 @@ class KnobPolicy(_Horizon):
         eval_mode: ``deterministic`` (the mode: median / mean / argmax) or ``sample`` at evaluation.
     """
 
-    family = "knob"
+    kind = "knob"
 
     def __init__(self, knobs: Mapping[str, Knob], conditioning: str = "step", x_features: bool = False,
                  hidden: int = 64, depth: int = 2, eval_mode: str = "deterministic", sigma_data: float = 1.0):
@@ -118,113 +149,71 @@ class KnobPolicy(_Horizon):
             raise ValueError("policy.x_features needs policy.conditioning=state")
         self.knobs = dict(knobs)
         self.names = list(knobs)
+        self.laws: dict[str, KnobLaw] = {name: knob.law for name, knob in knobs.items()}
         self.conditioning, self.x_features, self.eval_mode = conditioning, bool(x_features), eval_mode
+        self.per_step_table = conditioning == "step"
         self.hidden, self.depth, self.sigma_data = int(hidden), int(depth), float(sigma_data)
         self.tables = nn.ParameterDict()
         self.net: nn.Module | None = None
 
     # -- sizing ----------------------------------------------------------------------------------------------------
-    def _num_params(self, knob: Knob) -> int:
-        return knob.size if knob.discrete else 2
-
-    def setup(self, horizon: int, references: Mapping[str, Tensor], shape: Sequence[int]) -> "KnobPolicy":
-        """Create the per-step tables for ``horizon`` steps, initialised so the policy's mode is each knob's
-        reference value at each step (``references[name]``: [horizon])."""
+    def setup(self, horizon: int, shape: Sequence[int] = (), reference: Reference | None = None) -> "KnobPolicy":
+        """Create the per-step tables ([horizon, law.num_params] per knob), initialised so the policy's mode is
+        each knob's reference value at each step (``reference.knobs[name]``: [horizon]), and, with
+        ``conditioning: state``, the zero-initialised MLP."""
+        knob_refs = reference.knobs if reference is not None else {}
+        missing = [name for name in self.names if name not in knob_refs]
+        if missing:
+            raise ValueError(f"KnobPolicy.setup needs the reference values of knobs {missing} (Reference.knobs)")
         self.horizon, self.shape = int(horizon), tuple(shape)
-        for name, knob in self.knobs.items():
-            ref = references[name].to(torch.float32)
-            if knob.discrete:
-                grid = torch.tensor(knob.grid_values())
-                idx = (grid.unsqueeze(0) - ref.unsqueeze(1)).abs().argmin(1)
-                off = min(knob.init_std, 0.9)
-                probs = torch.full((horizon, knob.size), off / (knob.size - 1))
-                probs[torch.arange(horizon), idx] = 1 - off
-                table = probs.log()
-            else:
-                m = ((ref - knob.low) / (knob.high - knob.low)).clamp(1e-3, 1 - 1e-3)
-                if knob.distribution == "squashed_gaussian":
-                    table = torch.stack([torch.logit(m), torch.full_like(m, math.log(knob.init_std))], 1)
-                else:  # beta: (logit of the mean, log concentration)
-                    table = torch.stack([torch.logit(m), torch.full_like(m, math.log(4.0 / knob.init_std**2))], 1)
-            self.tables[name] = nn.Parameter(table)
+        for name, law in self.laws.items():
+            ref = knob_refs[name].to(torch.float32)
+            if ref.shape != (self.horizon,):
+                raise ValueError(f"the reference of knob {name} has shape {tuple(ref.shape)}, not [{self.horizon}]")
+            self.tables[name] = nn.Parameter(law.init_params(ref))
         if self.conditioning == "state":
-            inp = 2 + (math.prod(self.shape) if self.x_features else 0)
-            self.net = _mlp(inp, sum(self._num_params(k) for k in self.knobs.values()), self.hidden, self.depth)
+            inputs = 2 + (math.prod(self.shape) if self.x_features else 0)
+            outputs = sum(law.num_params for law in self.laws.values())
+            self.net = _mlp(inputs, outputs, self.hidden, self.depth)
         return self
 
     # -- the laws ------------------------------------------------------------------------------------------------
     def _params(self, x: Tensor, sigma: Tensor, k: Tensor) -> dict[str, Tensor]:
+        """Each knob's law parameters [B, num_params] at states ``(x [B, *shape], sigma [B], k [B])``."""
         self._check_setup()
         k = k.long()
         out = {name: self.tables[name][k] for name in self.names}
         if self.net is not None:
             delta = self.net(_features(x, sigma, k, self.horizon, self.x_features, self.sigma_data))
-            i = 0
+            start = 0
             for name in self.names:
-                n = self._num_params(self.knobs[name])
-                out[name] = out[name] + delta[:, i:i + n]
-                i += n
+                width = self.laws[name].num_params
+                out[name] = out[name] + delta[:, start:start + width]
+                start += width
         return out
 
-    def _dist(self, knob: Knob, p: Tensor):
-        if knob.discrete:
-            return Categorical(logits=p)
-        if knob.distribution == "squashed_gaussian":
-            return Normal(p[:, 0], p[:, 1].clamp(-7, 2).exp())
-        m, conc = torch.sigmoid(p[:, 0]).clamp(1e-4, 1 - 1e-4), p[:, 1].clamp(-3, 9).exp()
-        return Beta(m * conc, (1 - m) * conc)
-
-    def _value(self, knob: Knob, raw: Tensor) -> Tensor:
-        """Knob value from the stored raw action."""
-        if knob.discrete:
-            return torch.tensor(knob.grid_values(), dtype=torch.float32, device=raw.device)[raw.long()]
-        unit = torch.sigmoid(raw) if knob.distribution == "squashed_gaussian" else raw
-        return knob.low + (knob.high - knob.low) * unit
-
-    def _log_prob_raw(self, knob: Knob, dist, raw: Tensor) -> Tensor:
-        """Log-density of the knob VALUE (change of variables included, so it matches torch.distributions)."""
-        if knob.discrete:
-            return dist.log_prob(raw.long())
-        width = knob.high - knob.low
-        if knob.distribution == "squashed_gaussian":
-            # a = low + width * sigmoid(u): log|da/du| = log width + log sigmoid(u) + log sigmoid(-u)
-            return dist.log_prob(raw) - (math.log(width) + F.logsigmoid(raw) + F.logsigmoid(-raw))
-        return dist.log_prob(raw.clamp(1e-6, 1 - 1e-6)) - math.log(width)
-
-    def _mode(self, knob: Knob, dist) -> Tensor:
-        if knob.discrete:
-            return dist.probs.argmax(-1).to(torch.float32)
-        if knob.distribution == "squashed_gaussian":
-            return dist.loc  # the median of the squashed law
-        return dist.mean
-
-    def _entropy(self, knob: Knob, dist) -> Tensor:
-        """Exact for categorical and Beta; the pre-squash Gaussian's entropy for the squashed Gaussian."""
-        return dist.entropy()
-
     def act(self, state: State, deterministic: bool = False) -> Action:
+        """Each knob's raw action [B] (drawn, or the mode), its value [B] in x's dtype, and the summed log-prob."""
         params = self._params(state.x, state.sigma, state.k)
         raws, values, logp = [], {}, 0.0
         for name in self.names:
-            knob = self.knobs[name]
-            dist = self._dist(knob, params[name])
-            raw = self._mode(knob, dist) if deterministic else dist.sample().to(torch.float32)
-            if not knob.discrete and knob.distribution == "beta":
-                raw = raw.clamp(1e-6, 1 - 1e-6)
+            law = self.laws[name]
+            dist = law.dist(params[name])
+            raw = law.draw(dist, deterministic)
             raws.append(raw)
-            values[name] = self._value(knob, raw).to(state.x.dtype)
-            logp = logp + self._log_prob_raw(knob, dist, raw)
+            values[name] = law.value(raw).to(state.x.dtype)
+            logp = logp + law.log_prob(dist, raw)
         return Action(raw=torch.stack(raws, 1), values=values, logp=logp)
 
     def log_prob(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Re-score stored transitions: ``batch`` holds ``x, sigma, k, raw``. Returns (logp, entropy), [M] each."""
         params = self._params(batch["x"], batch["sigma"], batch["k"])
         logp, ent = 0.0, 0.0
-        for j, name in enumerate(self.names):
-            knob = self.knobs[name]
-            dist = self._dist(knob, params[name])
-            logp = logp + self._log_prob_raw(knob, dist, batch["raw"][:, j])
-            ent = ent + self._entropy(knob, dist)
+        for column, name in enumerate(self.names):
+            law = self.laws[name]
+            dist = law.dist(params[name])
+            logp = logp + law.log_prob(dist, batch["raw"][:, column])
+            ent = ent + law.entropy(dist)
         return logp, ent
 
     @torch.no_grad()
@@ -233,23 +222,24 @@ class KnobPolicy(_Horizon):
         self._check_setup()
         out = {}
         for name in self.names:
-            knob = self.knobs[name]
-            out[name] = self._value(knob, self._mode(knob, self._dist(knob, self.tables[name])))
+            law = self.laws[name]
+            out[name] = law.value(law.mode(law.dist(self.tables[name])))
         return out
 
 
-class ConstantKnobPolicy(_Horizon):
+class ConstantKnobPolicy(Policy):
     """A deterministic policy with the same value of each knob at every step (the grid-search baseline)."""
 
-    family = "knob"
+    kind = "knob"
 
     def __init__(self, values: Mapping[str, float]):
         super().__init__()
         self.values = {k: float(v) for k, v in values.items()}
         self.names = list(self.values)
 
-    def setup(self, horizon: int, references=None, shape=None) -> "ConstantKnobPolicy":
-        self.horizon = int(horizon)
+    def setup(self, horizon: int, shape: Sequence[int] = (), reference: Reference | None = None) -> "ConstantKnobPolicy":
+        """Only the horizon matters: the values are fixed."""
+        self.horizon, self.shape = int(horizon), tuple(shape)
         return self
 
     def act(self, state: State, deterministic: bool = True) -> Action:
@@ -259,7 +249,7 @@ class ConstantKnobPolicy(_Horizon):
         return Action(raw=raw, values=vals, logp=torch.zeros(B, device=state.x.device))
 
 
-class TransitionPolicy(_Horizon):
+class TransitionPolicy(Policy):
     """Gaussian transition ``x_{k+1} ~ N(mean, std^2 I)`` around the ancestral step with ``eta`` (DDPM: 1).
 
     ``sigma_{k+1} = sigma^ref_{k+1} exp(delta_k)`` (``learn_schedule``), ``std = min(sigma_up exp(rho_k),
@@ -272,7 +262,7 @@ class TransitionPolicy(_Horizon):
     denoises with the policy's copy (:meth:`attach_denoiser`), and re-scoring recomputes ``D`` with gradients.
     """
 
-    family = "transition"
+    kind = "transition"
 
     def __init__(self, eta: float = 1.0, learn_schedule: bool = True, learn_noise: bool = True,
                  correction: bool = True, hidden: int = 128, depth: int = 2, max_delta: float = 3.0,
@@ -287,15 +277,18 @@ class TransitionPolicy(_Horizon):
         self.eta, self.learn_schedule, self.learn_noise, self.correction = float(eta), learn_schedule, learn_noise, correction
         self.hidden, self.depth, self.max_delta, self.sigma_data = int(hidden), int(depth), float(max_delta), float(sigma_data)
         self.eval_mode = eval_mode
-        self.names: list[str] = []
 
-    def setup(self, horizon: int, ref_sigmas: Tensor, shape: Sequence[int]) -> "TransitionPolicy":
+    def setup(self, horizon: int, shape: Sequence[int] = (), reference: Reference | None = None) -> "TransitionPolicy":
+        """Zero schedule / noise offsets ([horizon] each) around the base's noise levels (``reference.sigmas``,
+        [horizon + 1]) and the zero-initialised correction MLP on states of ``shape``."""
+        if reference is None or reference.sigmas is None:
+            raise ValueError("TransitionPolicy.setup needs the base sampler's noise levels (Reference.sigmas)")
         self.horizon, self.shape = int(horizon), tuple(shape)
-        self.register_buffer("ref_sigmas", ref_sigmas.to(torch.float32).clone())
+        self.register_buffer("ref_sigmas", reference.sigmas.to(torch.float32).clone())
         self.delta = nn.Parameter(torch.zeros(horizon), requires_grad=self.learn_schedule)
         self.rho = nn.Parameter(torch.zeros(horizon), requires_grad=self.learn_noise)
-        d = math.prod(self.shape)
-        self.net = _mlp(2 + d, d, self.hidden, self.depth) if self.correction else None
+        dims = math.prod(self.shape)
+        self.net = _mlp(2 + dims, dims, self.hidden, self.depth) if self.correction else None
         return self
 
     def attach_denoiser(self, denoiser: nn.Module) -> "TransitionPolicy":

@@ -1,4 +1,4 @@
-"""Image sample quality in the features of a classifier trained here (ALGORITHM.md section 7).
+"""Image sample quality in the features of a classifier trained here (docs/method.md section 7).
 
 Images are float tensors ``[N, C, H, W]`` in ``[-1, 1]``.
 

@@ -1,4 +1,4 @@
-"""Sample quality of vectors against held-out data (ALGORITHM.md section 7).
+"""Sample quality of vectors against held-out data (docs/method.md section 7).
 
 Every function takes torch tensors ``[N, d]`` (any device, any float dtype; computed on the CPU in float64) and
 returns Python floats. Randomness (projections, subsamples) comes from a ``torch.Generator``; ``generator=None``

@@ -1,12 +1,15 @@
-"""The PPO update as pure functions (ALGORITHM.md section 5; cleanrl's ppo_continuous_action in spirit).
+"""The PPO update as pure functions (docs/method.md section 5; cleanrl's ppo_continuous_action in spirit).
 
 Loss: ``-E[min(rho A, clip(rho, 1-eps, 1+eps) A)] + beta KL(pi || pi_ref) - c H(pi)``, ``rho = exp(logp_new - logp_old)``.
 Diagnostics (namespaced ``ppo/...``): approx-KL ``E[(rho - 1) - log rho]``, clip fraction, entropy, KL to the reference.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def per_step_advantages(returns: Tensor, eps: float = 1e-8, normalise: bool = True) -> Tensor:
@@ -115,3 +118,62 @@ class PPO:
         self.kl_coef, self.ent_coef, self.baseline, self.gae_lambda = float(kl_coef), float(ent_coef), baseline, float(gae_lambda)
         self.value_lr, self.value_coef, self.normalise = float(value_lr), float(value_coef), bool(normalise)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+
+
+def _mean_diagnostics(diagnostics: list[dict[str, Tensor]]) -> dict[str, float]:
+    if not diagnostics:
+        return {}
+    return {key: float(torch.stack([d[key].float() for d in diagnostics]).mean()) for key in diagnostics[0]}
+
+
+def ppo_update(policy: nn.Module, transitions: Mapping[str, Tensor], algo: "PPO", optimizer: torch.optim.Optimizer,
+               generator: torch.Generator, ref_policy: nn.Module | None = None, value: nn.Module | None = None,
+               value_optimizer: torch.optim.Optimizer | None = None,
+               backward: Callable[[Tensor], None] = Tensor.backward,
+               check: Callable[[str, Tensor], None] | None = None) -> dict[str, float]:
+    """``algo.epochs`` passes of ``algo.minibatches`` minibatches of clipped-surrogate PPO over one rollout.
+
+    ``transitions``: flat [M] tensors with at least ``logp`` (old log-probs), ``adv`` (advantages), ``mask`` (which
+    transitions carry a log-prob) and whatever ``policy.log_prob(batch)`` reads; ``target`` too when ``value`` is
+    given (its regression target). ``generator`` orders the minibatches (CPU). ``backward`` replaces
+    ``loss.backward()`` (Lightning's ``manual_backward`` under DDP); ``check(name, tensor)`` may raise on a bad loss
+    before any optimiser step. Returns the diagnostics of every minibatch, averaged (``ppo/...`` keys)."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    active = transitions["mask"].nonzero().squeeze(1)
+    num_active = len(active)
+    size = max(1, math.ceil(num_active / algo.minibatches))
+    diagnostics: list[dict[str, Tensor]] = []
+    for _ in range(algo.epochs):
+        order = active[torch.randperm(num_active, generator=generator).to(active.device)]
+        for start in range(0, num_active, size):
+            chosen = order[start:start + size]
+            batch = {key: val[chosen] for key, val in transitions.items()}
+            logp, entropy = policy.log_prob(batch)
+            logp_ref = ref_policy.log_prob(batch)[0] if ref_policy is not None else None
+            loss, diag = ppo_loss(logp, batch["logp"], batch["adv"], algo.clip_eps, logp_ref, algo.kl_coef,
+                                  entropy, algo.ent_coef)
+            if check is not None:
+                check("PPO loss", loss)
+            optimizer.zero_grad(set_to_none=True)
+            backward(loss)
+            if algo.max_grad_norm is not None:
+                diag["ppo/grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, algo.max_grad_norm)
+            optimizer.step()
+            if value is not None:
+                diag.update(value_update(value, batch, algo.value_coef, value_optimizer, backward, check))
+            diagnostics.append(diag)
+    return _mean_diagnostics(diagnostics)
+
+
+def value_update(value: nn.Module, batch: Mapping[str, Tensor], coef: float, optimizer: torch.optim.Optimizer,
+                 backward: Callable[[Tensor], None] = Tensor.backward,
+                 check: Callable[[str, Tensor], None] | None = None) -> dict[str, Tensor]:
+    """One regression step of ``V(x, sigma, k)`` towards ``batch["target"]`` (loss ``coef * MSE``)."""
+    pred = value(batch["x"], batch["sigma"], batch["k"])
+    loss = coef * (pred - batch["target"]).pow(2).mean()
+    if check is not None:
+        check("value loss", loss)
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss)
+    optimizer.step()
+    return {"ppo/value_loss": loss.detach(), "ppo/explained_variance": explained_variance(pred.detach(), batch["target"])}

@@ -1,4 +1,4 @@
-"""Rewards from a noise-conditional discriminator's logit (ALGORITHM.md section 4).
+"""Rewards from a noise-conditional discriminator's logit (docs/method.md section 4).
 
 The discriminator is trained to tell forward-noised data q_sigma (positives) from policy states p^pi (negatives);
 at its optimum its logit is ``l = log q_sigma(x) - log p^pi(x)``, so the density ratio is ``u = p^pi / q = exp(-l)``.

@@ -1,4 +1,4 @@
-"""Guidance as denoiser wrappers: samplers only ever see ``D(x, sigma)`` (ALGORITHM.md section 2).
+"""Guidance as denoiser wrappers: samplers only ever see ``D(x, sigma)`` (docs/method.md section 2).
 
 - :class:`DGDenoiser`: discriminator guidance (Kim et al. 2023) in EDM form,
   ``D_dg(x, s) = D(x, s) + w s^2 grad_x l(x, s)`` inside a sigma window, ``D`` outside. Since

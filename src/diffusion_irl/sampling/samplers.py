@@ -3,6 +3,12 @@
 Every sampler answers two questions the evaluator asks:
 - ``steps_for_budget(nfe)``: the largest number of steps whose planned NFE fits the budget (None if none fits);
 - ``sample(D, shape, steps, noise)``: the samples and the NFE *counted* while producing them.
+
+The single-step samplers (:class:`SingleStepSampler`: Euler, Heun, EDM stochastic Heun, ancestral / DDIM) also
+expose one step, ``step(D, x, sigma, sigma_next, noise)``, and its stochastic parts (an optional churn move before
+the step, ancestral noise inside it), which the sampling MDP (``mdp/env.py``) modifies by its actions. Samplers
+whose step depends on more than the current state (DPM-Solver++(2M)'s history, Restart's jumps) have
+``single_step = False``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,10 @@ from torch import Tensor, nn
 from diffusion_irl.sampling import solvers
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.schedules import KarrasSchedule, Schedule, karras_sigmas
+from diffusion_irl.tensors import batch_sigma
+
+NoiseFn = Callable[[Tensor], Tensor]
+"""``noise(like)``: a standard normal draw shaped like ``like`` ([B, *shape]), fresh for this step."""
 
 
 class NFECounter(nn.Module):
@@ -46,6 +56,7 @@ class Sampler:
     stochastic = False
     nfe_per_step, nfe_offset = 1, 0
     min_steps = 1
+    single_step = False  # True for SingleStepSampler: the sampling MDP can take it as its base sampler
 
     def __init__(self, schedule: Schedule | None = None):
         self.schedule = schedule if schedule is not None else KarrasSchedule()
@@ -94,25 +105,80 @@ class Sampler:
         return f"{type(self).__name__}(schedule={self.schedule!r})"
 
 
-class Euler(Sampler):
+class SingleStepSampler(Sampler):
+    """A sampler whose step ``k`` is a function of ``(x_k, sigma_k, sigma_{k+1})`` and fresh noise alone: an optional
+    churn move (EDM Algorithm 2 lines 5-6: :meth:`churn`, with the per-step rule :meth:`churn_schedule`) followed
+    by :meth:`step`. ``sample`` runs the same single-step functions of ``solvers.py`` as :meth:`step`.
+
+    Class attributes: ``supports_churn`` (a churn move may precede the step: the MDP's churn knob),
+    ``is_ancestral`` (the step is the ancestral / DDIM Gaussian move a transition policy replaces),
+    ``S_noise`` (the churn noise's inflation)."""
+
+    single_step = True
+    supports_churn = True
+    is_ancestral = False
+    S_noise = 1.0
+
+    @property
+    def step_draws_noise(self) -> bool:
+        """Whether :meth:`step` itself draws noise (the churn move aside)."""
+        return False
+
+    def churn_schedule(self, sigmas: Tensor) -> Tensor:
+        """The churn ``gamma_k`` this sampler applies before each step of the schedule ``sigmas`` ([N + 1]); [N],
+        in ``sigmas``' dtype. None by default (zeros)."""
+        return torch.zeros(len(sigmas) - 1, dtype=sigmas.dtype, device=sigmas.device)
+
+    def churn(self, x: Tensor, sigma, gamma, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The churn move ``sigma_hat = sigma (1 + gamma)``, ``x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps``
+        (``x``, ``eps``: [B, *shape]; ``sigma``, ``gamma``: scalars or [B]). Returns ``(x_hat, sigma_hat [B],
+        std [B])``."""
+        return solvers.churn(x, sigma, gamma, eps, self.S_noise)
+
+    def step(self, D, x: Tensor, sigma, sigma_next, noise: NoiseFn | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """One step from ``x`` ([B, *shape]) at ``sigma`` to ``sigma_next`` (scalars or [B]). ``noise(like)`` gives
+        the step's standard normal draw (only called when :attr:`step_draws_noise`). Returns ``(x_next, denoised,
+        nfe)``: the next state, the denoised estimate at ``(x, sigma)`` and the denoiser evaluations spent by each
+        sample ([B], x's dtype)."""
+        raise NotImplementedError  # pragma: no cover
+
+
+class Euler(SingleStepSampler):
     name = "euler"
+
+    def step(self, D, x, sigma, sigma_next, noise=None):
+        sigma, sigma_next = batch_sigma(sigma, x), batch_sigma(sigma_next, x)
+        x_next, denoised = solvers.euler_step(D, x, sigma, sigma_next)
+        return x_next, denoised, torch.ones_like(sigma)
 
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_euler(D, x, sigmas, callback=callback)
 
 
-class Heun(Sampler):
+def _heun_step(D, x: Tensor, sigma, sigma_next) -> tuple[Tensor, Tensor, Tensor]:
+    """Heun's step with its per-sample NFE: 2, or 1 where ``sigma_next`` is 0 (no correction)."""
+    sigma, sigma_next = batch_sigma(sigma, x), batch_sigma(sigma_next, x)
+    x_next, denoised = solvers.heun_step(D, x, sigma, sigma_next)
+    return x_next, denoised, 1.0 + (sigma_next > 0).to(sigma.dtype)
+
+
+class Heun(SingleStepSampler):
     name = "heun"
     nfe_per_step, nfe_offset = 2, -1
+
+    def step(self, D, x, sigma, sigma_next, noise=None):
+        return _heun_step(D, x, sigma, sigma_next)
 
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_heun(D, x, sigmas, callback=callback)
 
 
-class Ancestral(Sampler):
+class Ancestral(SingleStepSampler):
     """DDPM (eta 1 on the discrete VP schedule), DDIM(eta), Euler-ancestral (Karras schedule): one update."""
 
     name = "ancestral"
+    supports_churn = False
+    is_ancestral = True
 
     def __init__(self, schedule: Schedule | None = None, eta: float = 1.0):
         super().__init__(schedule)
@@ -121,6 +187,21 @@ class Ancestral(Sampler):
         self.eta = float(eta)
         self.stochastic = self.eta > 0
 
+    @property
+    def step_draws_noise(self) -> bool:
+        return self.eta > 0  # eta = 0 (DDIM): sigma_up = 0, nothing to draw
+
+    def step(self, D, x, sigma, sigma_next, noise=None):
+        sigma, sigma_next = batch_sigma(sigma, x), batch_sigma(sigma_next, x)
+        if self.step_draws_noise:
+            if noise is None:
+                raise ValueError(f"{self.name} with eta={self.eta} draws noise at every step: pass noise")
+            eps = noise(x)
+        else:
+            eps = torch.zeros_like(x)
+        x_next, denoised, _, _ = solvers.ancestral_step(D, x, sigma, sigma_next, eps, self.eta)
+        return x_next, denoised, torch.ones_like(sigma)
+
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_ancestral(D, x, sigmas, noise, eta=self.eta, callback=callback)
 
@@ -128,8 +209,8 @@ class Ancestral(Sampler):
         return f"{type(self).__name__}(eta={self.eta}, schedule={self.schedule!r})"
 
 
-class EDMStochastic(Sampler):
-    """EDM Algorithm 2 (stochastic Heun with churn)."""
+class EDMStochastic(SingleStepSampler):
+    """EDM Algorithm 2 (stochastic Heun with churn): the churn move of :meth:`churn_schedule`, then Heun's step."""
 
     name = "edm_sde"
     stochastic = True
@@ -143,8 +224,15 @@ class EDMStochastic(Sampler):
                              f"S_noise={S_noise}, S_tmin={S_tmin}, S_tmax={S_tmax}")
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = float(S_churn), float(S_tmin), float(S_tmax), float(S_noise)
 
+    def churn_schedule(self, sigmas: Tensor) -> Tensor:
+        """EDM's rule: ``gamma_k = min(S_churn / N, sqrt(2) - 1)`` for ``S_tmin <= sigma_k <= S_tmax``, else 0."""
+        return solvers.edm_gammas(sigmas, self.S_churn, self.S_tmin, self.S_tmax)
+
+    def step(self, D, x, sigma, sigma_next, noise=None):
+        return _heun_step(D, x, sigma, sigma_next)
+
     def _solve(self, D, x, sigmas, noise, callback):
-        return solvers.sample_edm_sde(D, x, sigmas, noise, self.S_churn, self.S_tmin, self.S_tmax, self.S_noise,
+        return solvers.sample_edm_sde(D, x, sigmas, noise, gammas=self.churn_schedule(sigmas), S_noise=self.S_noise,
                                       callback=callback)
 
 

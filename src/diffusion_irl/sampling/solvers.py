@@ -1,4 +1,4 @@
-"""Pure, batched sampler functions over a denoiser ``D(x, sigma)`` (ALGORITHM.md section 2).
+"""Pure, batched sampler functions over a denoiser ``D(x, sigma)`` (docs/method.md section 2).
 
 Conventions (k-diffusion / EDM style):
 - ``sigmas`` is a decreasing 1D tensor ending with 0 (``schedules.py``); sigma arguments of the single-step

@@ -1,0 +1,222 @@
+"""The training run's comparison (docs/method.md section 7): every row at the same NFE, conditioning and seeds.
+
+Rows: ``tuned`` (the trained policy), ``base`` (the base sampler = the initial policy), ``grid_best`` (the best
+constant knob values of a grid search, selected on the TRAINING split, never the held-out one), every training-free
+sampler named in ``compare.samplers``, and ``base`` again at ``compare.large_nfe``. ``results.md`` carries the
+costs in denoiser evaluations next to the table, so quality and cost sit side by side.
+
+:class:`Comparison` is built from the ``compare:`` config node; the entry point hands it the trained objects.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusion_irl.evaluation import Evaluator, generate, reference_for, scorer_for, summarise, write_outputs
+from diffusion_irl.mdp.env import PolicySampler, SamplingMDP
+from diffusion_irl.mdp.policies import ConstantKnobPolicy, KnobPolicy, TransitionPolicy  # noqa: F401 (types)
+from diffusion_irl.plots import plot_samples, plot_schedule
+from diffusion_irl.runs import compact_table, report
+from diffusion_irl.sampling.samplers import Sampler
+
+PERIODIC_METRICS = ("mmd", "nll", "precision", "recall", "fd", "coverage")
+
+
+def reference_policy(mdp: SamplingMDP, policy, shape: Sequence[int]):
+    """The base sampler as a policy on ``mdp`` (any horizon): constant reference knob values (churn follows the
+    base sampler's own rule), or a fresh transition policy."""
+    if policy.kind == "transition":
+        return mdp.setup_policy(TransitionPolicy(eta=policy.eta, correction=False), shape)
+    values = {}
+    for name, vals in mdp.references(policy.knobs).items():
+        if name == "churn" and policy.knobs[name].reference is None:
+            continue  # the base sampler's own churn rule
+        values[name] = float(vals[0])
+    return mdp.setup_policy(ConstantKnobPolicy(values), shape)
+
+
+@dataclass
+class GridSearch:
+    """Constant knob values over the Cartesian product of the knobs' grids (at most ``max_points``, a seeded
+    subset beyond), each scored on ``num_samples`` samples per seed against the TRAINING split."""
+
+    enabled: bool = True
+    num_samples: int = 1000
+    seeds: Sequence[int] = (1000,)
+    max_points: int = 64
+
+    def points(self, policy: KnobPolicy) -> list[dict[str, float]]:
+        grid = list(itertools.product(*[policy.knobs[n].grid_values() for n in policy.names]))
+        if len(grid) > self.max_points:
+            keep = torch.randperm(len(grid), generator=torch.Generator().manual_seed(0))[: self.max_points]
+            grid = [grid[i] for i in sorted(keep.tolist())]
+        return [dict(zip(policy.names, values)) for values in grid]
+
+    def run(self, mdp: SamplingMDP, policy: KnobPolicy, denoiser, datamodule, guide, batch_size: int,
+            feature_cache, device) -> dict:
+        """Returns the best values, every point's score on the training split and the cost in NFE."""
+        metric = "mmd" if len(datamodule.shape) == 1 else "fd"
+        score = scorer_for(datamodule, max(self.num_samples, 1000), feature_cache, split="train")
+        results, cost = [], 0
+        for values in self.points(policy):
+            sampler = PolicySampler(mdp, mdp.setup_policy(ConstantKnobPolicy(values), datamodule.shape), "grid", guide)
+            scores = []
+            for seed in self.seeds:
+                x, used = generate(sampler, denoiser, datamodule.shape, mdp.horizon, self.num_samples, seed,
+                                   batch_size, device)
+                cost += used * self.num_samples
+                scores.append(score(x, seed)[metric])
+            results.append((values, sum(scores) / len(scores)))
+        finite = [r for r in results if math.isfinite(r[1])]
+        best = min(finite, key=lambda r: r[1]) if finite else results[0]
+        return {"best": best[0], "best_score": best[1], "metric": metric, "points": results, "nfe": cost}
+
+
+def write_grid_csv(grid: dict, names: Sequence[str], path: Path) -> None:
+    with open(path, "w") as f:
+        f.write(",".join(names) + f",{grid['metric']}_train\n")
+        for values, score in grid["points"]:
+            f.write(",".join(f"{values[n]:g}" for n in names) + f",{score:.6g}\n")
+
+
+@dataclass
+class TrainedRun:
+    """What the comparison needs from a finished training run."""
+
+    datamodule: object
+    denoiser: object
+    mdp: SamplingMDP
+    policy: object
+    initial: object          # the untrained policy (= the base sampler)
+    discriminator: object
+    train_nfe: float         # denoiser evaluations spent by training (all ranks)
+    iterations: int
+
+    @property
+    def guide(self):
+        return self.discriminator if self.mdp.guidance == "dg" else None
+
+
+class Comparison:
+    """The final table of a training run (config node ``compare:``).
+
+    Args:
+        enabled: run it at all. samplers: names of training-free samplers (keys of the ``samplers:`` node) to add.
+        large_nfe: the base sampler again at this budget (null: no). num_samples, seeds: per row.
+        num_heldout: held-out points the samples are compared with. batch_size: sampling chunk.
+        feature_cache, inception_weights: image metrics (see ``evaluation.scorer_for``).
+        grid: :class:`GridSearch` settings. progress: a progress bar.
+    """
+
+    def __init__(self, enabled: bool = True, samplers: Sequence[str] = (), large_nfe: int | None = 128,
+                 num_samples: int = 2000, num_heldout: int = 5000, seeds: Sequence[int] = (0, 1, 2),
+                 batch_size: int = 4096, feature_cache: str | None = None, inception_weights: str | None = None,
+                 grid: Mapping | GridSearch | None = None, progress: bool = True):
+        self.enabled, self.samplers, self.large_nfe = bool(enabled), list(samplers), large_nfe
+        self.num_samples, self.num_heldout, self.seeds = int(num_samples), int(num_heldout), list(seeds)
+        self.batch_size, self.feature_cache, self.inception_weights = int(batch_size), feature_cache, inception_weights
+        self.grid = grid if isinstance(grid, GridSearch) else GridSearch(**dict(grid or {}))
+        self.progress = bool(progress)
+
+    # -- during training -----------------------------------------------------------------------------------------
+    def periodic_evaluation(self, mdp: SamplingMDP, datamodule, out: Path, num_samples: int, plots: bool):
+        """``f(module) -> metrics``: held-out metrics of the current (deterministic) policy; with ``plots``, the
+        samples and the knob schedule go to ``<out>/plots`` and to W&B."""
+        state: dict = {}
+
+        def evaluate(module) -> dict[str, float]:
+            if "score" not in state:
+                state["score"] = scorer_for(datamodule, self.num_heldout, self.feature_cache)
+            sampler = PolicySampler(mdp, module.policy, "tuned", module.discriminator if mdp.guidance == "dg" else None)
+            x, _ = generate(sampler, module.denoiser, datamodule.shape, mdp.horizon, num_samples, 0, self.batch_size,
+                            module.device)
+            metrics = {k: v for k, v in state["score"](x, 0).items() if k in PERIODIC_METRICS}
+            it = module.iteration + 1
+            report(f"iteration {it}: held-out " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if plots and module.logger is not None and hasattr(module.logger, "log_image"):
+                paths = [str(plot_samples({f"iteration {it}": x}, out / "plots" / f"samples_{it:05d}.png")),
+                         str(plot_schedule(module.policy.schedule(), mdp.ref_sigmas, out / "plots" / f"schedule_{it:05d}.png"))]
+                module.logger.log_image(key="train/samples_and_schedule", images=paths, step=module.global_step)
+            return metrics
+
+        return evaluate
+
+    # -- after training ------------------------------------------------------------------------------------------
+    def rows_to_compare(self, run: TrainedRun, training_free: Mapping[str, Sampler]) -> tuple[dict, dict | None]:
+        """The samplers of the main table (tuned, base, grid_best, training-free) and the grid search's result."""
+        mdp, budget = run.mdp, run.mdp.planned_nfe()
+        samplers = {"tuned": PolicySampler(mdp, run.policy, "tuned", run.guide),
+                    "base": PolicySampler(mdp, run.initial, "base", run.guide)}
+        grid = None
+        if self.grid.enabled and run.policy.kind == "knob" and run.policy.knobs:
+            report(f"grid search over constant {run.policy.names} at {budget} NFE ...")
+            grid = self.grid.run(mdp, run.policy, run.denoiser, run.datamodule, run.guide, self.batch_size,
+                                 self.feature_cache, self._device(run))
+            best = mdp.setup_policy(ConstantKnobPolicy(grid["best"]), run.datamodule.shape)
+            samplers["grid_best"] = PolicySampler(mdp, best, "grid_best", run.guide)
+        samplers.update(training_free)
+        return samplers, grid
+
+    @staticmethod
+    def _device(run: TrainedRun) -> torch.device:
+        params = list(run.policy.parameters()) if hasattr(run.policy, "parameters") else []
+        return params[0].device if params else torch.device("cpu")
+
+    def _evaluator(self, samplers: Mapping[str, Sampler], nfe: int, score, device, reference=None, keep=()):
+        return Evaluator(samplers=samplers, nfe=[nfe], num_samples=self.num_samples, seeds=self.seeds, score=score,
+                         reference=reference, batch_size=self.batch_size, device=str(device), progress=self.progress,
+                         keep=keep)
+
+    def _large_nfe_rows(self, run: TrainedRun, score, device) -> list:
+        mdp = run.mdp
+        big = SamplingMDP(mdp.base, nfe=self.large_nfe, guidance=mdp.guidance, num_classes=mdp.num_classes,
+                          dg_sigma_min=mdp.dg_sigma_min, dg_sigma_max=mdp.dg_sigma_max, sigma_floor=mdp.sigma_floor)
+        base = PolicySampler(big, reference_policy(big, run.policy, run.datamodule.shape), "base", run.guide)
+        return self._evaluator({"base": base}, big.planned_nfe(), score, device).run(run.denoiser, run.datamodule.shape)
+
+    def run(self, run: TrainedRun, training_free: Mapping[str, Sampler], out: Path) -> dict:
+        """Evaluate every row, write results.csv / results.md (with costs) / grid.csv / plots, print the table."""
+        device = self._device(run)
+        samplers, grid = self.rows_to_compare(run, training_free)
+        score = scorer_for(run.datamodule, self.num_heldout, self.feature_cache, self.inception_weights)
+        evaluator = self._evaluator(samplers, run.mdp.planned_nfe(), score, device, reference_for(run.datamodule),
+                                    keep=("base", "tuned", "grid_best"))
+        rows = evaluator.run(run.denoiser, run.datamodule.shape)
+        if self.large_nfe:
+            rows += self._large_nfe_rows(run, score, device)
+        costs = {"tuned": run.train_nfe}
+        if grid is not None:
+            costs["grid_best"] = float(grid["nfe"])
+            write_grid_csv(grid, run.policy.names, out / "grid.csv")
+        title = (f"{run.datamodule.name}: tuned vs base at {run.mdp.planned_nfe()} NFE, {self.num_samples} samples, "
+                 f"seeds {self.seeds}")
+        paths = write_outputs(rows, out, title=title, sampler_order=list(samplers))
+        with open(paths["md"], "a") as f:
+            f.write("\n## Costs (denoiser evaluations)\n\n" + "\n".join(self._cost_lines(run, grid)) + "\n")
+        self._plots(run, evaluator.samples, out)
+        summary = summarise(rows)
+        report(f"{title}\n" + compact_table(summary, list(samplers), costs)
+               + f"\nfull table: {paths['md']}; everything is in {out}")
+        return {"rows": rows, "paths": paths, "grid": grid, "summary": summary, "train_nfe": run.train_nfe}
+
+    def _cost_lines(self, run: TrainedRun, grid: dict | None) -> list[str]:
+        lines = [f"- training: {run.iterations} iterations, {run.train_nfe:.3g} denoiser evaluations "
+                 f"({run.train_nfe / max(self.num_samples, 1):.3g} x the cost of one {self.num_samples}-sample evaluation)"]
+        if grid is not None:
+            lines.append(f"- grid search: {len(grid['points'])} constant settings of {run.policy.names}, "
+                         f"{grid['nfe']:.3g} denoiser evaluations; best {grid['best']} ({grid['metric']} "
+                         f"{grid['best_score']:.4g} on the training split)")
+        return lines
+
+    def _plots(self, run: TrainedRun, kept: Mapping, out: Path) -> None:
+        """The final samples (the first seed's, kept by the evaluator) and the learned schedule."""
+        shown = dict(kept)
+        shown["held-out data"] = run.datamodule.heldout(min(self.num_samples, len(run.datamodule.heldout())))
+        plot_samples(shown, out / "plots" / "samples.png")
+        ref = run.mdp.references(run.policy.knobs) if run.policy.kind == "knob" else None
+        plot_schedule(run.policy.schedule(), run.mdp.ref_sigmas, out / "plots" / "schedule.png", ref)
