@@ -1,12 +1,14 @@
 """Compose the project's Hydra configs in tests."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .conftest import CONF
 
@@ -25,3 +27,16 @@ def compose_config(name: str, overrides: list[str] | None = None, output_dir: st
         with open_dict(cfg):
             del cfg["hydra"]
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler_config(name: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=f"sampler/{name}").sampler
+
+
+def load_sampler(name: str):
+    """A fresh sampler from ``conf/sampler/<name>.yaml`` (composed once by Hydra: its defaults list pulls in the
+    schedule)."""
+    return instantiate(OmegaConf.create(OmegaConf.to_container(_sampler_config(name))))

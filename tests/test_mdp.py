@@ -6,9 +6,6 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 from torch.distributions import (AffineTransform, Beta, Categorical, Normal, SigmoidTransform,
                                  TransformedDistribution)
 
@@ -19,7 +16,7 @@ from diffusion_irl.sampling import solvers
 from diffusion_irl.sampling.noise import NoiseStream, SampleNoise, Slot, counter_normal
 from diffusion_irl.sampling.samplers import Ancestral, DPMpp2M, EDMStochastic, Euler, Heun, Restart
 
-from .conftest import CONF
+from .helpers import load_sampler
 
 SHAPE = (2,)
 
@@ -28,12 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: conftest.on
 
 
 def ddpm() -> Ancestral:
-    """The DDPM sampler of conf/sampler/ddpm.yaml (eta 1, discrete VP schedule), composed by Hydra (its defaults
-    list pulls in the schedule)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="sampler/ddpm")
-    return instantiate(cfg.sampler)
+    """The DDPM sampler of conf/sampler/ddpm.yaml (eta 1, discrete VP schedule)."""
+    return load_sampler("ddpm")
 
 
 def perturb(policy: torch.nn.Module, scale: float = 0.5, seed: int = 0) -> None:

@@ -5,9 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 
 from diffusion_irl.denoisers.analytic import AnalyticDenoiser
 from diffusion_irl.metrics.samples import mmd
@@ -17,17 +14,10 @@ from diffusion_irl.sampling.samplers import Ancestral, Euler, Heun, NFECounter
 from diffusion_irl.sampling.schedules import DiscreteVPSchedule, KarrasSchedule, karras_sigmas
 
 from .conftest import CONF
+from .helpers import load_sampler
 
 # every training-free sampler config; dg needs a trained discriminator (tests/test_guidance.py covers it)
 SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml") if p.stem != "dg")
-
-
-def load_sampler(name):
-    """``conf/sampler/<name>.yaml`` composed by Hydra (its defaults list pulls in the schedule), instantiated."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=f"sampler/{name}")
-    return instantiate(cfg.sampler)
 
 
 @pytest.fixture(scope="module")

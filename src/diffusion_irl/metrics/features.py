@@ -142,10 +142,22 @@ def train_feature_classifier(
         torch.manual_seed(seed)
         model = FeatureClassifier(config["in_channels"], num_classes, width, feature_dim)
     model.to(device)
+    start = time.time()
+    _fit_classifier(model, x_train, y_train.long(), epochs, batch_size, lr, seed, progress, device)
+    model.val_accuracy = _accuracy(model, x_val, y_val)
+    if progress:
+        print(f"feature classifier: held-out accuracy {model.val_accuracy:.4f} on {len(x_val)} images "
+              f"({time.time() - start:.1f} s)")
+    if path is not None:
+        _save_cached(model, config, path)
+    return model.eval()
+
+
+def _fit_classifier(model: nn.Module, x_train: Tensor, y_train: Tensor, epochs: int, batch_size: int, lr: float,
+                    seed: int, progress: bool, device: torch.device) -> None:
+    """Adam on cross-entropy, ``epochs`` passes over mini-batches shuffled by a generator seeded with ``seed``."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     shuffle = torch.Generator().manual_seed(seed)
-    y_train = y_train.long()
-    start = time.time()
     for epoch in range(epochs):
         model.train()
         total, count = 0.0, 0
@@ -158,17 +170,14 @@ def train_feature_classifier(
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         if progress:
             print(f"feature classifier epoch {epoch + 1}/{epochs}: train loss {total / max(count, 1):.4f}")
-    model.val_accuracy = _accuracy(model, x_val, y_val)
-    if progress:
-        print(f"feature classifier: held-out accuracy {model.val_accuracy:.4f} on {len(x_val)} images "
-              f"({time.time() - start:.1f} s)")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"config": config, "state_dict": state, "val_accuracy": model.val_accuracy}, tmp)
-        os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
-    return model.eval()
+
+
+def _save_cached(model: nn.Module, config: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": config, "state_dict": state, "val_accuracy": model.val_accuracy}, tmp)
+    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
 
 
 class _RecordingFeatures(nn.Module):
