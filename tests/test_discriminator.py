@@ -251,3 +251,20 @@ def test_train_discriminator_refuses_bad_configs(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train_discriminator(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_paired_batch_noises_data_at_the_fake_states_sigma():
+    from diffusion_irl.discriminator.module import paired_batch
+
+    data = torch.zeros(100, 2)
+    sigma = torch.tensor([0.0, 1.0, 3.0]).repeat_interleave(4000)
+    fake = torch.randn(len(sigma), 2)
+    step = torch.tensor([2, 1, 0]).repeat_interleave(4000)
+    batch = paired_batch(data, fake, sigma, step, torch.Generator().manual_seed(0))
+    assert batch.real.shape == fake.shape and batch.fake is fake and batch.step is step
+    stds = batch.real.view(3, 4000, 2).std(dim=(1, 2))
+    torch.testing.assert_close(stds, torch.tensor([0.0, 1.0, 3.0]), atol=0.05, rtol=0.03)
+    again = paired_batch(data, fake, sigma, step, torch.Generator().manual_seed(0))
+    assert torch.equal(again.real, batch.real)  # a pure function of the generator
+    real, fake2, s_real, s_fake, k_real, k_fake = batch.as_tuple()
+    assert torch.equal(s_real, s_fake) and torch.equal(k_real, k_fake)

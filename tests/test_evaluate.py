@@ -201,3 +201,17 @@ def test_evaluate_prepares_data_before_setup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run(compose_config("evaluate", SMALL + ["evaluate.samplers=[euler]", "evaluate.seeds=[0]"]))
     assert calls and calls[0] == "prepare" and "setup" in calls
+
+
+def test_compact_terminal_table_holds_the_few_numbers_that_matter():
+    from diffusion_irl.runs import compact_table
+
+    summary = {("tuned", 10): {"mmd": (0.0055, 0.0009, 3), "precision": (0.95, 0.01, 3), "recall": (0.96, 0.01, 3),
+                               "nll": (2.9, 0.1, 3)},
+               ("reference", 0): {"mmd": (0.0003, 0.0008, 3), "precision": (0.99, 0.0, 3), "recall": (0.99, 0.0, 3)}}
+    table = compact_table(summary, ["tuned"], costs={"tuned": 3.07e5})
+    lines = table.splitlines()
+    assert lines[0].split() == ["sampler", "NFE", "mmd", "precision", "recall", "cost", "(NFE)"]
+    assert "nll" not in table and max(len(line) for line in lines) <= 100  # fits a normal terminal
+    assert lines[2].split()[:3] == ["tuned", "10", "0.0055"] and lines[2].endswith("3.07e+05")
+    assert lines[3].split()[:2] == ["reference", "–"]

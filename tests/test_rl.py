@@ -139,3 +139,34 @@ def test_reward_weighting_and_nfe_cost_validation():
         Reward(weighting="sometimes")
     with pytest.raises(ValueError, match="nfe_cost"):
         Reward(nfe_cost=-1.0)
+
+
+class _Bernoulli(torch.nn.Module):
+    """A one-parameter policy over a binary action: enough to see the PPO update move it the right way."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.zeros(()))
+
+    def log_prob(self, batch):
+        dist = torch.distributions.Bernoulli(logits=self.logit.expand(len(batch["raw"])))
+        return dist.log_prob(batch["raw"]), dist.entropy()
+
+
+def test_ppo_update_is_a_pure_function_that_follows_the_advantage():
+    from diffusion_irl.rl.ppo import ppo_update
+
+    policy = _Bernoulli()
+    raw = torch.tensor([1.0, 0.0] * 32)
+    transitions = {"raw": raw, "logp": torch.full_like(raw, math.log(0.5)), "adv": raw * 2 - 1,  # action 1 is better
+                   "mask": torch.ones_like(raw, dtype=torch.bool)}
+    algo = PPO(lr=0.05, epochs=3, minibatches=4)
+    opt = torch.optim.Adam(policy.parameters(), lr=algo.lr)
+    diag = ppo_update(policy, transitions, algo, opt, torch.Generator().manual_seed(0))
+    assert float(policy.logit) > 0.1  # the probability of the better action went up
+    assert {"ppo/approx_kl", "ppo/clipfrac", "ppo/entropy", "ppo/grad_norm"} <= set(diag)
+    assert diag["ppo/approx_kl"] >= 0
+    masked = dict(transitions, mask=torch.zeros_like(raw, dtype=torch.bool))
+    before = float(policy.logit)
+    assert ppo_update(policy, masked, algo, opt, torch.Generator().manual_seed(0)) == {}
+    assert float(policy.logit) == before  # no transition carries a log-prob: nothing to update

@@ -61,7 +61,7 @@ def run(cfg: DictConfig):
            f"everything is in {paths['csv'].parent}")
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        log_results(logger, paths["csv"], "evaluate", [paths["png"]], image_key="quality_vs_nfe")
+        log_results(logger, paths["csv"], "evaluate", [paths["png"]])
         logger.experiment.finish()
     return rows
 

@@ -71,8 +71,16 @@ def check_shapes(denoiser, datamodule) -> None:
 
 def config_summary(cfg: DictConfig, keys: Sequence[str]) -> str:
     """``group=choice`` of the config's main objects, for the first line of the run's log."""
+    try:
+        choices = dict(HydraConfig.get().runtime.choices)
+    except ValueError:  # outside @hydra.main
+        choices = {}
     parts = []
     for key in keys:
+        group = key.replace("mdp.base", "sampler@mdp.base")
+        if group in choices and choices[group] is not None:
+            parts.append(f"{key}={choices[group]}")
+            continue
         node = OmegaConf.select(cfg, key)
         if isinstance(node, DictConfig) and "_target_" in node:
             parts.append(f"{key}={str(node._target_).rsplit('.', 1)[-1]}")
@@ -81,16 +89,17 @@ def config_summary(cfg: DictConfig, keys: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
-def log_results(logger, csv_path: Path, key: str, images: Sequence[Path] = (), image_key: str = "plots") -> None:
-    """The results table as ``<key>/results`` (and figures as ``<key>/<image_key>``) in W&B when the logger can."""
+def log_results(logger, csv_path: Path, key: str, images: Sequence[Path] = ()) -> None:
+    """The results table as ``<key>/results`` and each figure as ``<key>/<file stem>`` (one size per key) in W&B,
+    when the logger can take them."""
     if not logger or not hasattr(logger, "log_table"):
         return
     with open(csv_path) as f:
         data = list(csv.reader(f))
     logger.log_table(key=f"{key}/results", columns=data[0], data=data[1:])
-    existing = [str(p) for p in images if Path(p).exists()]
-    if existing:
-        logger.log_image(key=f"{key}/{image_key}", images=existing)
+    for path in map(Path, images):
+        if path.exists():
+            logger.log_image(key=f"{key}/{path.stem}", images=[str(path)])
 
 
 COMPACT_METRICS = ("mmd", "fd", "fid", "precision", "recall")
@@ -108,7 +117,7 @@ def compact_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, fl
     for name in names:
         for sampler, nfe in sorted(k for k in summary if k[0] == name):
             cells = summary[(sampler, nfe)]
-            line = f"{sampler[:15]:<16}{nfe:>5}"
+            line = f"{sampler[:15]:<16}{'–' if sampler == 'reference' else nfe:>5}"
             for m in present:
                 mean, std, _ = cells.get(m, (float("nan"), 0.0, 0))
                 line += f"{mean:>11.4g} ± {std:<6.2g}" if m in ("mmd", "fd", "fid") else f"{mean:>11.3f}"

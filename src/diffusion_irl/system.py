@@ -235,7 +235,8 @@ class SamplerPolicyModule(L.LightningModule):
         logs.update({f"time/{stage}_s": seconds for stage, seconds in self.timings.items()})
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1)
         for name, key in (("reward", "reward/mean"), ("d_acc", "disc/acc"), ("kl", "ppo/approx_kl")):
-            self.log(name, logs.get(key, float("nan")), prog_bar=True, on_epoch=True, batch_size=1)
+            # one step per epoch: on_step alone shows each number once in the bar (no _step / _epoch twins)
+            self.log(name, logs.get(key, float("nan")), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         self.per_step = {"sigma": rollout.sigma_next.mean(1).tolist(), "reward_mean": rewards.mean(1).tolist(),
                          "reward_std": rewards.std(1).tolist(), "disc_acc_fake": acc_fake.tolist()}
         self.per_step.update({name: sched.tolist() for name, sched in self.policy.schedule().items()})

@@ -139,9 +139,10 @@ class Comparison:
             it = module.iteration + 1
             report(f"iteration {it}: held-out " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if plots and module.logger is not None and hasattr(module.logger, "log_image"):
-                paths = [str(plot_samples({f"iteration {it}": x}, out / "plots" / f"samples_{it:05d}.png")),
-                         str(plot_schedule(module.policy.schedule(), mdp.ref_sigmas, out / "plots" / f"schedule_{it:05d}.png"))]
-                module.logger.log_image(key="train/samples_and_schedule", images=paths, step=module.global_step)
+                samples = plot_samples({f"iteration {it}": x}, out / "plots" / f"samples_{it:05d}.png")
+                schedule = plot_schedule(module.policy.schedule(), mdp.ref_sigmas, out / "plots" / f"schedule_{it:05d}.png")
+                for key, path in (("train/samples", samples), ("train/schedule", schedule)):  # one size per key
+                    module.logger.log_image(key=key, images=[str(path)], step=module.global_step)
             return metrics
 
         return evaluate
