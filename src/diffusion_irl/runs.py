@@ -53,6 +53,14 @@ def report(message: str, level: int = logging.INFO) -> None:
         print(message)
 
 
+def record(message: str) -> None:
+    """A line for the run's log file only (not the terminal, where the progress bar already shows it)."""
+    entry = log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(entry)
+
+
 def output_dir() -> Path:
     """The Hydra run directory (the working directory when called outside ``@hydra.main``)."""
     try:

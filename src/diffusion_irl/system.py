@@ -35,6 +35,7 @@ from diffusion_irl.mdp.env import Rollout, SamplingMDP
 from diffusion_irl.mdp.policies import ValueNet, frozen_copy
 from diffusion_irl.rl.ppo import PPO, gae, normalise_per_step, ppo_update
 from diffusion_irl.rl.rewards import Reward, returns_to_go
+from diffusion_irl.runs import record
 from diffusion_irl.seeding import generator, sample_seeds
 
 LOGIT_CHUNK = 8192  # states scored by the discriminator per call when computing rewards
@@ -252,6 +253,12 @@ class SamplerPolicyModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         it = self.iteration + 1
+        if self.trainer.is_global_zero:
+            shown = self.trainer.callback_metrics
+            times = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in self.timings.items())
+            record(f"iteration {it}/{self.trainer.max_epochs}: reward {float(shown.get('reward', float('nan'))):.4g}, "
+                   f"disc acc {float(shown.get('d_acc', float('nan'))):.3f}, approx-KL "
+                   f"{float(shown.get('kl', float('nan'))):.3g}, {float(self.nfe_spent):.3g} NFE so far ({times})")
         if self.evaluate_fn is not None and self.eval_every > 0 and it % self.eval_every == 0:
             if self.trainer.is_global_zero:
                 metrics = self.evaluate_fn(self)
