@@ -36,3 +36,22 @@ def test_bad_schedules_fail_early():
         DiscreteVPSchedule(spacing="sideways")
     with pytest.raises(ValueError):
         karras_sigmas(0)
+
+
+def test_a_schedule_is_data(tmp_path):
+    from diffusion_irl.sampling.schedules import SigmaSchedule, read_sigmas, write_sigmas
+
+    inline = SigmaSchedule([10.0, 2.0, 0.5, 0.05])
+    assert inline.steps == 4 and inline(4).tolist() == [10.0, 2.0, 0.5, 0.05, 0.0]
+    with pytest.raises(ValueError, match="holds a 4-step schedule, but the sampler asked for 3 steps"):
+        inline(3)
+    write_sigmas(inline(4), tmp_path / "s.json", {"tuner": "test"})
+    assert SigmaSchedule(path=str(tmp_path / "s.json"))(4).tolist() == inline(4).tolist()
+    (tmp_path / "s.txt").write_text("# tuned\n10\n2\n0.5\n0.05\n0\n")
+    assert read_sigmas(str(tmp_path / "s.txt")) == [10.0, 2.0, 0.5, 0.05, 0.0]
+    for bad, message in (([1.0, 2.0, 0.0], "strictly decreasing"), ([2.0, -1.0, 0.0], "must be finite and > 0"),
+                         ([2.0, 0.0, 0.0], "must be finite and > 0"), ([], "at least one")):
+        with pytest.raises(ValueError, match=message):
+            SigmaSchedule(bad)
+    with pytest.raises(ValueError, match="no such file"):
+        SigmaSchedule(path=str(tmp_path / "missing.txt"))

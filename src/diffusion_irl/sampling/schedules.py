@@ -135,3 +135,76 @@ class DiscreteVPSchedule(Schedule):
 
     def __repr__(self) -> str:
         return f"DiscreteVPSchedule({', '.join(f'{k}={v}' for k, v in self.kw.items())})"
+
+
+def check_sigmas(sigmas: Tensor, where: str = "schedule") -> Tensor:
+    """A schedule as data must be strictly decreasing, positive before a final 0: returns it (float64, 0 appended
+    when missing) or raises ``ValueError`` naming ``where``."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if len(sigmas) and float(sigmas[-1]) != 0.0:
+        sigmas = append_zero(sigmas)
+    if len(sigmas) < 2:
+        raise ValueError(f"{where}: needs at least one non-zero noise level, got {sigmas.tolist()}")
+    levels = sigmas[:-1]
+    if not bool(torch.isfinite(levels).all()) or not bool((levels > 0).all()):
+        raise ValueError(f"{where}: every level before the final 0 must be finite and > 0, got {levels.tolist()}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"{where}: the levels must be strictly decreasing, got {sigmas.tolist()}")
+    return sigmas
+
+
+class SigmaSchedule(Schedule):
+    """A schedule as data: a fixed list of noise levels (a tuned schedule), given inline or read from a file (one
+    number per line, or a JSON list, or a JSON object with a ``sigmas`` list). It serves exactly ``len(levels)``
+    steps; asking for another count is an error naming both.
+
+    Args:
+        sigmas: the levels (the final 0 may be omitted). path: a file holding them instead.
+    """
+
+    def __init__(self, sigmas=None, path: str | None = None):
+        if (sigmas is None) == (path is None):
+            raise ValueError("schedule: give exactly one of sigmas (a list) and path (a file)")
+        where = "schedule.sigmas" if path is None else f"schedule.path={path}"
+        self.sigmas, self.path = check_sigmas(read_sigmas(path) if path is not None else list(sigmas), where), path
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def __call__(self, n: int) -> Tensor:
+        if int(n) != self.steps:
+            source = f"the file {self.path}" if self.path else "schedule.sigmas"
+            raise ValueError(f"{source} holds a {self.steps}-step schedule, but the sampler asked for {n} steps: "
+                             "tune the schedule for this NFE budget (or pick the budget it was tuned for)")
+        return self.sigmas.clone()
+
+    def __repr__(self) -> str:
+        return f"SigmaSchedule({[round(float(s), 6) for s in self.sigmas]})"
+
+
+def read_sigmas(path: str) -> list[float]:
+    """Noise levels from a text file (one per line, ``#`` comments), a JSON list or a JSON object's ``sigmas``."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"schedule.path={path}: no such file")
+    text = file.read_text().strip()
+    try:
+        if text.startswith(("[", "{")):
+            data = json.loads(text)
+            return [float(s) for s in (data["sigmas"] if isinstance(data, dict) else data)]
+        return [float(line.split("#")[0]) for line in text.splitlines() if line.split("#")[0].strip()]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"schedule.path={path}: not a list of noise levels ({exc})") from None
+
+
+def write_sigmas(sigmas: Tensor, path, extra: dict | None = None) -> None:
+    """Write a schedule as JSON (``{"sigmas": [...], **extra}``), readable by :class:`SigmaSchedule`."""
+    import json
+    from pathlib import Path
+
+    payload = {"sigmas": [float(s) for s in check_sigmas(sigmas)], **(extra or {})}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
