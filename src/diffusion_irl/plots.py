@@ -75,3 +75,29 @@ def plot_schedule(schedule: Mapping[str, Tensor], ref_sigmas: Tensor, path: Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_quality_vs_cost(points: Mapping[str, tuple[float, float, float]], path: Path, metric: str = "mmd",
+                         floor: tuple[float, float] | None = None) -> Path:
+    """Quality (mean ± std over seeds, lower is better) against the tuning cost in denoiser evaluations, one point
+    per tuned row (``name -> (cost, mean, std)``; a cost of 0 is drawn at the left edge as "training-free"), with
+    the metric's floor (two independent real samples) as a band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    costs = [c for c, _, _ in points.values() if c > 0]
+    free_x = min(costs) / 10 if costs else 1.0
+    for name, (cost, mean, std) in points.items():
+        x = cost if cost > 0 else free_x
+        ax.errorbar([x], [mean], yerr=[std], fmt="o", capsize=3)
+        ax.annotate(name, (x, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if floor is not None:
+        ax.axhspan(floor[0] - floor[1], floor[0] + floor[1], color="0.85", label="floor (two real samples)")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("tuning cost (denoiser evaluations; left edge: training-free)")
+    ax.set_ylabel(f"{metric} (lower is better)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from diffusion_irl.evaluation import Evaluator, generate, reference_for, scorer_for, summarise, write_outputs
 from diffusion_irl.mdp.env import PolicySampler, SamplingMDP
 from diffusion_irl.mdp.policies import ConstantKnobPolicy, KnobPolicy, TransitionPolicy  # noqa: F401 (types)
-from diffusion_irl.plots import plot_samples, plot_schedule
+from diffusion_irl.plots import plot_quality_vs_cost, plot_samples, plot_schedule
 from diffusion_irl.runs import compact_table, report
 from diffusion_irl.sampling.samplers import Sampler
 
@@ -62,7 +63,7 @@ class GridSearch:
         """Returns the best values, every point's score on the training split and the cost in NFE."""
         metric = "mmd" if len(datamodule.shape) == 1 else "fd"
         score = scorer_for(datamodule, max(self.num_samples, 1000), feature_cache, split="train")
-        results, cost = [], 0
+        results, cost, start = [], 0, time.perf_counter()
         for values in self.points(policy):
             sampler = PolicySampler(mdp, mdp.setup_policy(ConstantKnobPolicy(values), datamodule.shape), "grid", guide)
             scores = []
@@ -74,7 +75,8 @@ class GridSearch:
             results.append((values, sum(scores) / len(scores)))
         finite = [r for r in results if math.isfinite(r[1])]
         best = min(finite, key=lambda r: r[1]) if finite else results[0]
-        return {"best": best[0], "best_score": best[1], "metric": metric, "points": results, "nfe": cost}
+        return {"best": best[0], "best_score": best[1], "metric": metric, "points": results, "nfe": cost,
+                "seconds": time.perf_counter() - start}
 
 
 def write_grid_csv(grid: dict, names: Sequence[str], path: Path) -> None:
@@ -96,6 +98,7 @@ class TrainedRun:
     discriminator: object
     train_nfe: float         # denoiser evaluations spent by training (all ranks)
     iterations: int
+    train_seconds: float | None = None  # wall time of the training (None: not measured)
 
     @property
     def guide(self):
@@ -190,22 +193,25 @@ class Comparison:
         rows = evaluator.run(run.denoiser, run.datamodule.shape)
         if self.large_nfe:
             rows += self._large_nfe_rows(run, score, device)
-        costs = {"tuned": run.train_nfe}
+        costs = {"tuned": (run.train_nfe, run.train_seconds)}
         if grid is not None:
-            costs["grid_best"] = float(grid["nfe"])
+            costs["grid_best"] = (float(grid["nfe"]), grid.get("seconds"))
             write_grid_csv(grid, run.policy.names, out / "grid.csv")
         title = (f"{run.datamodule.name}: tuned vs base at {run.mdp.planned_nfe()} NFE, {self.num_samples} samples, "
                  f"seeds {self.seeds}")
         paths = write_outputs(rows, out, title=title, sampler_order=list(samplers))
-        with open(paths["md"], "a") as f:
-            f.write("\n## Costs (denoiser evaluations)\n\n" + "\n".join(self._cost_lines(run, grid)) + "\n")
-        self._plots(run, evaluator.samples, out)
         summary = summarise(rows)
-        report(f"{title}\n" + compact_table(summary, list(samplers), costs)
+        with open(paths["md"], "a") as f:
+            f.write("\n## Costs (denoiser evaluations)\n\n" + cost_table(costs, summary, run.mdp.planned_nfe()) + "\n"
+                    + "\n".join(self._cost_lines(run, grid)) + "\n")
+        self._plots(run, evaluator.samples, out)
+        plot_costs(costs, summary, run.mdp.planned_nfe(), out / "plots" / "quality_vs_cost.png")
+        report(f"{title}\n" + compact_table(summary, list(samplers), {k: c for k, (c, _) in costs.items()})
                + f"\nfull table: {paths['md']}; everything is in {out}")
         return {"rows": rows, "paths": paths, "grid": grid, "summary": summary, "train_nfe": run.train_nfe}
 
     def _cost_lines(self, run: TrainedRun, grid: dict | None) -> list[str]:
+        """The details behind the cost table (what each tuning did)."""
         lines = [f"- training: {run.iterations} iterations, {run.train_nfe:.3g} denoiser evaluations "
                  f"({run.train_nfe / max(self.num_samples, 1):.3g} x the cost of one {self.num_samples}-sample evaluation)"]
         if grid is not None:
@@ -221,3 +227,33 @@ class Comparison:
         plot_samples(shown, out / "plots" / "samples.png")
         ref = run.mdp.references(run.policy.knobs) if run.policy.kind == "knob" else None
         plot_schedule(run.policy.schedule(), run.mdp.ref_sigmas, out / "plots" / "schedule.png", ref)
+
+
+def _distance(cells: Mapping[str, tuple[float, float, int]]) -> tuple[str, float, float]:
+    for metric in ("mmd", "fd", "fid"):
+        if metric in cells:
+            return metric, cells[metric][0], cells[metric][1]
+    return "?", float("nan"), float("nan")
+
+
+def cost_table(costs: Mapping[str, tuple[float, float | None]], summary: Mapping, nfe: int) -> str:
+    """One row per tuned sampler: what its tuning cost (denoiser evaluations, wall time) beside its quality."""
+    lines = ["| row | tuning cost (denoiser evaluations) | tuning wall time | distance at "
+             f"{nfe} NFE |", "|---|---|---|---|"]
+    for name, (nfe_cost, seconds) in costs.items():
+        metric, mean, std = _distance(summary.get((name, nfe), {}))
+        wall = f"{seconds:.1f} s" if seconds is not None else "–"
+        lines.append(f"| {name} | {nfe_cost:.3g} | {wall} | {metric} {mean:.4g} ± {std:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_costs(costs: Mapping[str, tuple[float, float | None]], summary: Mapping, nfe: int, path: Path) -> Path:
+    """Quality against tuning cost for the tuned rows, the training-free rows at cost 0, and the metric's floor."""
+    points = {}
+    for (name, row_nfe), cells in summary.items():
+        if row_nfe == nfe:
+            metric, mean, std = _distance(cells)
+            points[name] = (costs.get(name, (0.0, None))[0], mean, std)
+    floor = summary.get(("reference", 0))
+    metric = _distance(floor)[0] if floor else "mmd"
+    return plot_quality_vs_cost(points, path, metric, _distance(floor)[1:] if floor else None)
