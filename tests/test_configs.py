@@ -354,22 +354,31 @@ def test_checkpoint_configs(name, tmp_path):
         assert callback._every_n_epochs == 20 and callback._save_on_train_epoch_end is True
 
 
-@pytest.mark.parametrize("name", cover("schedule/karras.yaml", "schedule/discrete_vp.yaml"))
+SCHEDULE_USERS = {  # a sampler whose config takes the schedule, and the class; time_uniform is only selectable
+    "karras": ("euler", "KarrasSchedule"), "discrete_vp": ("ddpm", "DiscreteVPSchedule"),
+    "logsnr_uniform": ("dpmpp_3m", "LogSNRUniformSchedule"), "time_uniform": (None, "TimeUniformSchedule"),
+}
+
+
+@pytest.mark.parametrize("name", cover(*[f"schedule/{n}.yaml" for n in SCHEDULE_USERS]))
 def test_schedule_configs(name, tmp_path):
     stem = Path(name).stem
-    cfg = compose_config("evaluate", output_dir=tmp_path)
-    user = "euler" if stem == "karras" else "ddpm"   # the samplers' schedules come from the schedule group
-    schedule = build(cfg, f"samplers.{user}.schedule")
+    user, cls = SCHEDULE_USERS[stem]
+    overrides = [] if user else [f"schedule@samplers.euler.schedule={stem}"]  # select it for a sampler
+    user = user or "euler"
+    cfg = compose_config("evaluate", overrides, output_dir=tmp_path)
+    schedule = build(cfg, f"samplers.{user}.schedule")   # the samplers' schedules come from the schedule group
     sigmas = schedule(8)
     assert sigmas.shape == (9,) and float(sigmas[-1]) == 0 and bool((sigmas[:-1] > sigmas[1:]).all())
-    assert cfg.samplers[user].schedule._target_.endswith("KarrasSchedule" if stem == "karras" else "DiscreteVPSchedule")
+    assert cfg.samplers[user].schedule._target_.endswith(cls) and type(schedule).__name__ == cls
 
 
 @pytest.mark.parametrize("name", cover("samplers/training_free.yaml"))
 def test_one_list_of_training_free_samplers(name, tmp_path):
     train_cfg = compose_config("train", output_dir=tmp_path)
     eval_cfg = compose_config("evaluate", output_dir=tmp_path)
-    names = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "edm_sde", "restart", "dpmpp_2m"]
+    names = ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "edm_sde", "restart", "dpmpp_2m", "ipndm", "dpmpp_3m",
+             "unipc"]
     assert list(train_cfg.compare.samplers) == list(eval_cfg.evaluate.samplers) == names
     assert list(train_cfg.samplers) == names
 
@@ -392,3 +401,40 @@ def test_group_files_state_the_values_a_run_uses(tmp_path):
             if key == "defaults" or OmegaConf.is_interpolation(stated, key) or isinstance(stated[key], DictConfig):
                 continue
             assert cfg[group_name][key] == stated[key], (group_name, key)
+
+
+# ---- begin: schedule tuners (tune.py, tuning/grid.py, gits.py, ld3.py: tune.yaml, tuner/, schedule/sigmas.yaml) ---
+@pytest.mark.parametrize("name", cover("tune.yaml", "tuner/grid.yaml", "tuner/gits.yaml", "tuner/ld3.yaml"))
+def test_tuner_configs(name, tmp_path):
+    from diffusion_irl.sampling.samplers import Euler
+    from diffusion_irl.tuning.tuners import Tuner
+
+    stem = "grid" if name == "tune.yaml" else Path(name).stem
+    cfg = compose_config("tune", [f"tuner={stem}"], output_dir=tmp_path)
+    assert cfg.nfe == 6 and cfg.sampler._target_.endswith("Euler") and cfg.denoiser._target_.endswith("analytic_denoiser")
+    tuner = build(cfg, "tuner")
+    assert isinstance(tuner, Tuner) and tuner.name == stem
+    assert tuner.check(build(cfg, "sampler"), cfg.nfe) == 6 and isinstance(build(cfg, "sampler"), Euler)
+    if stem == "grid":
+        assert len(tuner.points()) == 125
+
+
+@pytest.mark.parametrize("name", cover("schedule/sigmas.yaml"))
+def test_sigmas_schedule_config(name, tmp_path):
+    from diffusion_irl.sampling.schedules import SigmaSchedule, write_sigmas
+
+    path = tmp_path / "schedule.json"
+    write_sigmas(torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0], dtype=torch.float64), path)
+    cfg = compose_config("evaluate", ["+sampler@samplers.euler_tuned=euler", "schedule@samplers.euler_tuned.schedule=sigmas",
+                                      f"samplers.euler_tuned.schedule.path={path}"], output_dir=tmp_path)
+    sampler = build(cfg, "samplers.euler_tuned")
+    assert isinstance(sampler.schedule, SigmaSchedule) and sampler.sigmas(4).tolist() == [10.0, 3.0, 1.0, 0.3, 0.0]
+    assert "euler_tuned" in cfg.evaluate.samplers and build(cfg, "samplers.euler").schedule.sigma_max == 80.0
+    cfg = compose_config("evaluate", ["+sampler@samplers.euler_tuned=euler", "schedule@samplers.euler_tuned.schedule=sigmas",
+                                      "samplers.euler_tuned.schedule.sigmas=[5.0,1.0,0.1]"], output_dir=tmp_path)
+    assert build(cfg, "samplers.euler_tuned").sigmas(3).tolist() == [5.0, 1.0, 0.1, 0.0]
+    with pytest.raises(ConfigError, match="exactly one of sigmas"):
+        build(compose_config("evaluate", ["+sampler@samplers.euler_tuned=euler",
+                                          "schedule@samplers.euler_tuned.schedule=sigmas"], output_dir=tmp_path),
+              "samplers.euler_tuned")
+# ---- end: schedule tuners ------------------------------------------------------------------------------------------

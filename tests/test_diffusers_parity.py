@@ -1,6 +1,7 @@
-"""Parity with diffusers' scheduler loops: our sigma-space DDIM(eta), Euler and Euler-ancestral reproduce
-``DDIMScheduler``, ``EulerDiscreteScheduler`` and ``EulerAncestralDiscreteScheduler`` on the same epsilon network,
-with the same initial noise and the same injected standard normal draws.
+"""Parity with diffusers' scheduler loops: our sigma-space DDIM(eta), Euler, Euler-ancestral, DPM-Solver++(3M) and
+UniPC reproduce ``DDIMScheduler``, ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``,
+``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` on the same epsilon network, with the same initial
+noise and the same injected standard normal draws.
 
 Two tiny, randomly initialised epsilon models (nothing is downloaded): a diffusers ``UNet2DModel`` on 1x8x8 images
 and an MLP on 2D points. Our side sees them through :class:`VPEpsDenoiser`,
@@ -19,13 +20,14 @@ import torch
 from torch import Tensor, nn
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, UNet2DModel  # noqa: E402
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,  # noqa: E402
+                       EulerDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 from diffusers.schedulers import scheduling_euler_ancestral_discrete  # noqa: E402
 
 from diffusion_irl.denoisers.precond import VPEpsDenoiser  # noqa: E402
 from diffusion_irl.sampling import solvers  # noqa: E402
-from diffusion_irl.sampling.samplers import Ancestral  # noqa: E402
-from diffusion_irl.sampling.schedules import DiscreteVPSchedule, ddpm_alphas_cumprod  # noqa: E402
+from diffusion_irl.sampling.samplers import Ancestral, DPMpp3M, UniPC  # noqa: E402
+from diffusion_irl.sampling.schedules import DiscreteVPSchedule, SigmaSchedule, ddpm_alphas_cumprod  # noqa: E402
 
 T = 1000
 # float32 tolerance, relative to the size of the compared states. Measured max |ours - diffusers| / max |x|:
@@ -288,3 +290,90 @@ def test_euler_linspace_fractional_timesteps(net):
     err, scale = float((ours - theirs).abs().max()), float(theirs.abs().max())
     assert err < 1e-4 * scale, \
         f"{net.name} Euler(linspace), our log-linear t(sigma): max abs err {err:.3g} (|x| {scale:.3g})"
+
+
+# --- DPM-Solver++(3M) and UniPC (bh2) on diffusers' own sigmas -------------------------------------------------------
+
+# Both schedulers visit integer timesteps ("linspace" spacing) whose sigmas are table entries, so our VPEpsDenoiser
+# sees the same t. Our sigma-space state is x_vp sqrt(1 + sigma^2); their lambda = log(alpha / sigma_vp) is our
+# -log sigma. Measured max |ours - diffusers| / max |x| over these cases, every state: DPM-Solver++(3M)
+# 3.4e-7..1.4e-6, UniPC 2.7e-7..2.5e-6 (the largest with final_sigmas_type="sigma_min"): their
+# log-lambdas and alphas are float32. RTOL leaves 8x headroom at worst.
+DPM_CASES = [(4, {}), (10, {}), (20, {}), (10, {"lower_order_final": False}), (20, {"final_sigmas_type": "sigma_min"})]
+# diffusers' UniPC without lower_order_final solves a singular system on a final step to sigma 0 (r_k = 0 there), so
+# that setting is compared with final_sigmas_type="sigma_min" (we take any step to 0 at first order: x = D).
+UNIPC_CASES = [(2, 4, {}), (2, 10, {}), (3, 5, {}), (3, 10, {}), (3, 20, {}),
+               (3, 10, {"lower_order_final": False, "final_sigmas_type": "sigma_min"})]
+
+
+def _to_vp(x: Tensor, sigma: float) -> Tensor:
+    return x / math.sqrt(1 + sigma**2)
+
+
+def _multistep_parity(net: Net, sched, n: int, ours_fn, what: str, corrected: bool = False) -> Tensor:
+    """Run diffusers' loop and ``ours_fn(D, x_sigma, sigmas, callback)`` from the same noise; compare every state in
+    VP space. UniPC (``corrected``): diffusers' ``prev_sample`` is the uncorrected prediction and the corrected state
+    is its ``last_sample`` after the next step, which is the state our step starts from."""
+    sched.set_timesteps(n)
+    sigmas = sched.sigmas.double()
+    x0, _ = _draws(net, 0, seed=n)
+    theirs, starts, x = [], [], x0
+    for t in sched.timesteps:
+        x = sched.step(net.eps(x, t), t, x).prev_sample
+        theirs.append(x)
+        starts.append(sched.last_sample if corrected else None)
+    seen = []
+    final = ours_fn(net.denoiser(), x0 * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, seen.append)
+    assert len(seen) == len(theirs) == n
+    for i, info in enumerate(seen):
+        if corrected:  # the corrected start of step i (diffusers corrects in step i, before its predictor)
+            assert_states_close(_to_vp(info.x, float(sigmas[i])), starts[i], f"{what} corrected state {i}")
+        elif i + 1 < n:
+            assert_states_close(_to_vp(info.x_next, float(sigmas[i + 1])), theirs[i], f"{what} step {i}")
+    final_vp = _to_vp(final, float(sigmas[-1]))
+    assert_states_close(final_vp, theirs[-1], f"{what} final sample")
+    return final_vp, theirs[-1], sigmas
+
+
+@pytest.mark.parametrize("n,kw", DPM_CASES)
+def test_dpmpp_3m_matches_diffusers(net, n, kw):
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule="linear", solver_order=3,
+                                        algorithm_type="dpmsolver++", **kw)
+    lof = kw.get("lower_order_final", True)
+    what = f"{net.name} DPM-Solver++(3M) n={n} {kw}"
+
+    def ours(D, x, sigmas, callback):
+        return solvers.sample_dpmpp_3m(D, x, sigmas, lower_order_final=lof, callback=callback)
+
+    final, theirs, sigmas = _multistep_parity(net, sched, n, ours, what)
+    if float(sigmas[-1]) != 0:  # a schedule as data ends with 0
+        return
+    # the config-facing sampler on the same sigmas gives the same samples, with NFE = steps
+    x_sigma = _draws(net, 0, seed=n)[0] * math.sqrt(1 + float(sigmas[0]) ** 2)
+    out = DPMpp3M(SigmaSchedule(sigmas), lower_order_final=lof).sample(net.denoiser(), (net.batch, *net.shape), n,
+                                                                        Draws([]), x_init=x_sigma)
+    assert out.nfe == n
+    assert_states_close(_to_vp(out.x, float(sigmas[-1])), theirs, f"{what}: DPMpp3M.sample")
+    if n == 10 and not kw:  # the comparison is sharp enough to tell 3M from 2M
+        two = _to_vp(solvers.sample_dpmpp_2m(net.denoiser(), x_sigma, sigmas), float(sigmas[-1]))
+        assert float((two - theirs).abs().max()) > 10 * RTOL * float(theirs.abs().max())
+
+
+@pytest.mark.parametrize("order,n,kw", UNIPC_CASES)
+def test_unipc_matches_diffusers(net, order, n, kw):
+    sched = UniPCMultistepScheduler(num_train_timesteps=T, beta_schedule="linear", solver_order=order,
+                                    solver_type="bh2", predict_x0=True, **kw)
+    lof = kw.get("lower_order_final", True)
+    what = f"{net.name} UniPC(bh2, order {order}) n={n} {kw}"
+
+    def ours(D, x, sigmas, callback):
+        return solvers.sample_unipc(D, x, sigmas, order=order, lower_order_final=lof, callback=callback)
+
+    final, theirs, sigmas = _multistep_parity(net, sched, n, ours, what, corrected=True)
+    if float(sigmas[-1]) != 0:  # a schedule as data ends with 0
+        return
+    x_sigma = _draws(net, 0, seed=n)[0] * math.sqrt(1 + float(sigmas[0]) ** 2)
+    out = UniPC(SigmaSchedule(sigmas), order=order, lower_order_final=lof).sample(
+        net.denoiser(), (net.batch, *net.shape), n, Draws([]), x_init=x_sigma)
+    assert out.nfe == n
+    assert_states_close(_to_vp(out.x, float(sigmas[-1])), theirs, f"{what}: UniPC.sample")

@@ -1,8 +1,11 @@
-import torch
-import pytest
+import math
 
-from diffusion_irl.sampling.schedules import (DiscreteVPSchedule, KarrasSchedule, ddpm_alphas_cumprod, ddpm_timesteps,
-                                              karras_sigmas, vp_sigmas)
+import pytest
+import torch
+
+from diffusion_irl.sampling.schedules import (DiscreteVPSchedule, KarrasSchedule, LogSNRUniformSchedule,
+                                              TimeUniformSchedule, ddpm_alphas_cumprod, ddpm_timesteps, karras_sigmas,
+                                              logsnr_uniform_sigmas, time_uniform_sigmas, vp_sigma, vp_sigmas, vp_t)
 
 
 def test_karras_endpoints_and_monotone():
@@ -55,3 +58,35 @@ def test_a_schedule_is_data(tmp_path):
             SigmaSchedule(bad)
     with pytest.raises(ValueError, match="no such file"):
         SigmaSchedule(path=str(tmp_path / "missing.txt"))
+
+
+def test_logsnr_uniform_is_uniform_in_log_sigma():
+    s = LogSNRUniformSchedule(0.002, 80.0)(10)
+    assert len(s) == 11 and s[-1] == 0 and float(s[0]) == 80.0 and float(s[-2]) == 0.002
+    steps = s[:-1].log().diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, (math.log(0.002) - math.log(80.0)) / 9))
+    assert logsnr_uniform_sigmas(1).tolist() == [80.0, 0.0]
+
+
+def test_time_uniform_is_edm_vp_discretisation():
+    """Uniform in VP time between t(sigma_max) and t(sigma_min); with the end points of EDM's VP (t = 1 and eps_s)
+    it is vp_sigmas."""
+    t = torch.tensor([1e-3, 0.2, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(vp_t(vp_sigma(t)), t)
+    s = TimeUniformSchedule(0.002, 80.0)(8)
+    assert len(s) == 9 and s[-1] == 0 and float(s[0]) == 80.0 and float(s[-2]) == 0.002
+    assert (s[:-1].diff() < 0).all()
+    dt = vp_t(s[:-1]).diff()
+    torch.testing.assert_close(dt, torch.full_like(dt, float(dt.mean())))
+    smin, smax = (float(vp_sigma(torch.tensor(t, dtype=torch.float64))) for t in (1e-3, 1.0))
+    torch.testing.assert_close(time_uniform_sigmas(18, smin, smax), vp_sigmas(18))
+
+
+def test_bad_new_schedules_fail_early():
+    for bad in (dict(sigma_min=1.0, sigma_max=0.5), dict(sigma_min=0.0)):
+        with pytest.raises(ValueError):
+            LogSNRUniformSchedule(**bad)
+        with pytest.raises(ValueError):
+            TimeUniformSchedule(**bad)
+    with pytest.raises(ValueError):
+        TimeUniformSchedule(beta_d=0.0)

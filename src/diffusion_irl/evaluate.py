@@ -11,37 +11,66 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_irl.config import build, exit_on_config_error, require
+from diffusion_irl.config import (ConfigError, build, exit_on_config_error, require, require_bool, require_int,
+                                  require_int_list, require_str)
+from diffusion_irl.denoisers.module import check_network_shape
 from diffusion_irl.evaluation import Evaluator, reference_for, scorer_for, summarise, write_outputs
-from diffusion_irl.runs import check_shapes, compact_table, log_results, output_dir, quiet_third_party, report
+from diffusion_irl.runs import (append_metric_legend, build_logger, check_run_dir, check_shapes, compact_table,
+                                log_results, output_dir, quiet_third_party, report, warn_unread_additions)
 
 log = logging.getLogger(__name__)
 
 
+HUGE = 10**9
+
+
 def check_evaluate_config(cfg: DictConfig) -> None:
+    """Type and range checks of every ``evaluate.*`` and run-level key, before any compute."""
+    require_int(cfg, "seed", min=0, max=2**32 - 1)
+    require_bool(cfg, "overwrite")
+    require_str(cfg, "device")
     ev = cfg.evaluate
     names = list(ev.samplers)
     require(len(names) > 0, "evaluate.samplers is empty: name at least one sampler")
     unknown = [n for n in names if n not in cfg.samplers]
     require(not unknown, f"evaluate.samplers names unknown sampler(s) {unknown}; known: {sorted(cfg.samplers)}")
-    nfe = list(ev.nfe)
-    require(len(nfe) > 0 and all(isinstance(b, int) and b > 0 for b in nfe),
-            f"evaluate.nfe must be a non-empty list of positive integers, got {nfe}")
-    require(isinstance(ev.num_samples, int) and ev.num_samples >= 2, f"evaluate.num_samples must be an integer >= 2, got {ev.num_samples}")
-    require(len(ev.seeds) > 0, "evaluate.seeds is empty")
-    require(ev.batch_size > 0, f"evaluate.batch_size must be > 0, got {ev.batch_size}")
+    require_int_list(cfg, "evaluate.nfe", min=1, max=100_000)
+    require_int(cfg, "evaluate.num_samples", min=2, max=HUGE)
+    require_int(cfg, "evaluate.num_heldout", min=2, max=HUGE)
+    require_int_list(cfg, "evaluate.seeds", min=0, max=2**63 - 1)
+    require_int(cfg, "evaluate.batch_size", min=1, max=HUGE)
+    for key in ("reference", "progress"):
+        require_bool(cfg, f"evaluate.{key}")
+    require_str(cfg, "evaluate.feature_cache", optional=True)
+    require_str(cfg, "evaluate.inception_weights", optional=True)
+    try:
+        check_network_shape(OmegaConf.select(cfg, "denoiser.net"), cfg.data.shape)
+    except ValueError as exc:
+        raise ConfigError(f"denoiser: {exc}") from None
+
+
+def check_budgets(samplers: dict, budgets: list[int]) -> None:
+    """At least one sampler must fit at least one budget (else only the reference row would come out)."""
+    if any(s.steps_for_budget(b) is not None for s in samplers.values() for b in budgets):
+        return
+    minimum = ", ".join(f"{name} {s.planned_nfe(s.min_steps)}" for name, s in samplers.items())
+    raise ConfigError(f"evaluate.nfe: every budget in {budgets} is below every sampler's fewest NFE "
+                      f"({minimum}): raise evaluate.nfe")
 
 
 def run(cfg: DictConfig):
     """Compose -> instantiate -> evaluate -> write. Returns the result rows."""
     check_evaluate_config(cfg)
     quiet_third_party()
+    warn_unread_additions(cfg)
     datamodule = build(cfg, "data")
-    datamodule.prepare_data()  # as Lightning does before setup(): downloads when data.download=true
     samplers = {name: build(cfg, f"samplers.{name}") for name in cfg.evaluate.samplers}
+    check_budgets(samplers, list(cfg.evaluate.nfe))
+    check_run_dir(output_dir(), overwrite=cfg.overwrite, markers=("results.csv",))
+    logger = build_logger(cfg) or None
+    datamodule.prepare_data()  # as Lightning does before setup(): downloads when data.download=true
     denoiser = build(cfg, "denoiser")
     check_shapes(denoiser, datamodule)
-    logger = build(cfg, "logger") if cfg.get("logger") else None
     device = torch.device(cfg.device)
     if hasattr(denoiser, "to"):
         denoiser = denoiser.to(device).eval()
@@ -57,6 +86,7 @@ def run(cfg: DictConfig):
     rows = evaluator.run(denoiser, datamodule.shape)
     title = f"{datamodule.name}, denoiser={cfg.denoiser.get('_target_', '?').rsplit('.', 1)[-1]}, {ev.num_samples} samples, seeds {list(ev.seeds)}"
     paths = write_outputs(rows, output_dir(), title=title, sampler_order=list(samplers))
+    append_metric_legend(paths["md"])
     report(f"{title}\n{compact_table(summarise(rows), list(samplers))}\nfull table: {paths['md']}; "
            f"everything is in {paths['csv'].parent}")
     if logger is not None:

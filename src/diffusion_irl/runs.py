@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_irl.config import ConfigError
@@ -132,3 +134,177 @@ def compact_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, fl
             cost = (costs or {}).get(sampler)
             lines.append(line + (f"{cost:>12.3g}" if cost is not None else f"{'–':>12}"))
     return "\n".join(lines)
+
+
+# -- the run directory: writable, and never another run's results ------------------------------------------------
+RESULT_MARKERS = ("results.csv", "checkpoints/last.ckpt")
+
+
+def check_run_dir(out: Path, overwrite: bool = False, resume: str | None = None,
+                  markers: Sequence[str] = RESULT_MARKERS) -> None:
+    """The run directory must be writable and must not hold another run's results (``markers``), unless this run
+    resumes it (``resume`` is ``"last"`` or a checkpoint inside it) or ``overwrite`` is true."""
+    import os
+    import tempfile
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run directory {out} is not writable ({exc.strerror or exc}): pick another "
+                          "hydra.run.dir") from None
+    found = [m for m in markers if (out / m).exists()]
+    if not found or overwrite:
+        return
+    if resume == "last" or (resume and Path(os.path.abspath(resume)).is_relative_to(out.resolve())):
+        return
+    raise ConfigError(f"run directory {out} already holds another run's results ({', '.join(found)}): resume it "
+                      "with ckpt_path=last, pick another hydra.run.dir, or pass overwrite=true")
+
+
+def _writable_or_exit(path: str) -> None:
+    try:
+        check_run_dir(Path(path), overwrite=True)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf/hydra/default.yaml): a run directory that cannot be created or written is one
+    ``config error`` line and exit 2, before Hydra itself writes there (its traceback otherwise)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _writable_or_exit(str(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _writable_or_exit(str(config.hydra.sweep.dir))
+
+
+# -- `+key=value` additions that nothing reads -------------------------------------------------------------------
+def unread_additions(cfg: DictConfig) -> list[str]:
+    """Warnings for ``+key=value`` overrides that add a plain setting no code reads: the parent node has no
+    ``_target_`` (whose arguments instantiation would check) and the key is new (so, likely, a typo)."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ValueError, AttributeError):  # outside @hydra.main and without a Hydra config
+        return []
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_add() or o.package is not None or isinstance(OmegaConf.select(cfg, o.key_or_group), DictConfig):
+            continue  # a config group appended (+sampler@samplers.dg=dg) or a whole node: Hydra checks those
+        parent_key, _, leaf = o.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or "_target_" in parent:
+            continue
+        known = [k for k in parent if k != leaf]
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"did you mean {'.'.join(filter(None, [parent_key, close[0]]))}?" if close else \
+            f"known keys here: {', '.join(map(str, known))}"
+        out.append(f"warning: +{o.key_or_group} adds a key that nothing reads ({hint})")
+    return out
+
+
+def warn_unread_additions(cfg: DictConfig) -> None:
+    for line in unread_additions(cfg):
+        report(line, logging.WARNING)
+
+
+# -- Weights & Biases: a valid mode, and no hang on an unreachable server ----------------------------------------
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+WANDB_PROBE_SECONDS = 3.0
+
+
+def _wandb_server_error(url: str, timeout: float) -> str | None:
+    """None when a TCP connection to the W&B server opens within ``timeout`` seconds, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return str(exc.strerror or exc)
+
+
+def _wandb_api_key(url: str) -> bool:
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(urlparse(url).hostname or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(cfg: DictConfig) -> str:
+    """The W&B mode this run will use (``WANDB_MODE`` wins over ``logger.mode``), checked: a bad mode or online
+    without an API key is a config error; online with no reachable server falls back to offline (one warning)."""
+    import os
+
+    env = os.environ.get("WANDB_MODE")
+    mode = env if env is not None else OmegaConf.select(cfg, "logger.mode", default="offline")
+    source = "WANDB_MODE" if env is not None else "logger.mode"
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"{source}: {mode!r} is not a W&B mode; use online, offline or disabled")
+    if mode not in ("online", "run", "shared"):
+        return mode
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    error = _wandb_server_error(url, float(os.environ.get("DIFFUSION_IRL_WANDB_PROBE_S", WANDB_PROBE_SECONDS)))
+    if error is not None:
+        report(f"warning: W&B server {url} is unreachable ({error}): logging offline into the run directory "
+               "instead (upload later with `wandb sync`)", logging.WARNING)
+        os.environ["WANDB_MODE"] = "offline"  # wandb reads the environment too
+        return "offline"
+    if not _wandb_api_key(url):
+        raise ConfigError(f"{source}: W&B online mode needs an API key: run `wandb login` or set WANDB_API_KEY "
+                          "(or use WANDB_MODE=offline)")
+    return mode
+
+
+def build_logger(cfg: DictConfig):
+    """The ``logger:`` node (False when null), with the W&B mode checked first."""
+    from diffusion_irl.config import build
+
+    node = cfg.get("logger")
+    if not node:
+        return False
+    if str(node.get("_target_", "")).endswith("WandbLogger"):
+        return build(cfg, "logger", mode=wandb_mode(cfg))
+    return build(cfg, "logger")
+
+
+# -- results.md: what the metrics measure --------------------------------------------------------------------------
+METRIC_LEGEND = """
+## What the metrics measure
+
+- `mmd`, `sliced_w2`, `w2`, `fd`, `fid`: distances between the samples and held-out data (lower is better).
+- `precision`: the share of samples that fall inside the data's k-NN balls (fidelity; higher is better).
+- `recall`: the share of held-out data points that fall inside the *samples'* k-NN balls (coverage of the data;
+  higher is better). Recall alone does not measure fidelity: widely dispersed samples have huge k-NN balls that
+  cover every data point, so their recall is 1.0 while their precision and distances are poor. Read it next to
+  precision and a distance.
+- `density`: the mean number of data k-NN balls holding a sample, / k (about 1 for equal laws); `coverage`: the
+  share of data k-NN balls holding at least one sample (Naeem et al. 2020).
+- `nll`: negative log-likelihood of the samples under the exact data law (when known); `mode_coverage`: the share
+  of the mixture's modes that receive samples.
+"""
+
+
+def append_metric_legend(md_path: Path) -> None:
+    """Add :data:`METRIC_LEGEND` to a results.md (once)."""
+    md_path = Path(md_path)
+    text = md_path.read_text() if md_path.exists() else ""
+    if "## What the metrics measure" not in text:
+        md_path.write_text(text.rstrip("\n") + "\n" + METRIC_LEGEND)

@@ -21,6 +21,7 @@ A non-finite reward or loss stops the run before any optimiser step, so the last
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from diffusion_irl.mdp.env import Rollout, SamplingMDP
 from diffusion_irl.mdp.policies import ValueNet, frozen_copy
 from diffusion_irl.rl.ppo import PPO, gae, normalise_per_step, ppo_update
 from diffusion_irl.rl.rewards import Reward, returns_to_go
-from diffusion_irl.runs import record
+from diffusion_irl.runs import record, report
 from diffusion_irl.seeding import generator, sample_seeds
 
 LOGIT_CHUNK = 8192  # states scored by the discriminator per call when computing rewards
@@ -43,6 +44,33 @@ LOGIT_CHUNK = 8192  # states scored by the discriminator per call when computing
 
 class NonFiniteError(FloatingPointError):
     """Raised when rewards or losses stop being finite (the run stops; the last checkpoint is kept)."""
+
+
+class DivergenceError(NonFiniteError):
+    """Raised when training diverges (approx-KL, exploding policy parameters or gradients, a discriminator stuck at
+    accuracy 0 or 1): the run stops like on a non-finite loss, and the last checkpoint is kept."""
+
+
+@dataclass
+class DivergenceLimits:
+    """When the loop counts as diverged (``system.`` keys; see conf/system/default.yaml).
+
+    max_approx_kl: PPO's approx-KL above this for ``patience`` consecutive iterations (null: no check).
+    max_policy_param: the policy's largest absolute parameter above this, or any non-finite one: at once.
+    max_policy_grad_norm: PPO's gradient norm (``ppo/grad_norm``, before clipping) above this, or non-finite: at
+        once.
+    disc_patience: consecutive iterations with the discriminator's accuracy within ``DISC_STUCK_TOL`` of 0 or 1
+        (0: no check).
+    """
+
+    max_approx_kl: float | None = 10.0
+    patience: int = 3
+    max_policy_param: float | None = 1.0e6
+    max_policy_grad_norm: float | None = 1.0e8
+    disc_patience: int = 10
+
+
+DISC_STUCK_TOL = 1e-3
 
 
 @dataclass
@@ -63,12 +91,16 @@ class SamplerPolicyModule(L.LightningModule):
         rollout_batch: trajectories per rank per iteration. disc_steps / disc_batch: K_d and its minibatch size.
         seed: the run's seed. evaluate: optional ``f(module) -> dict`` called on rank 0 every ``eval_every``
             iterations (held-out metrics, plots).
+        max_approx_kl, patience, max_policy_param, max_policy_grad_norm, disc_patience: when the run counts as
+            diverged (:class:`DivergenceLimits`; :class:`DivergenceError` stops it).
     """
 
     def __init__(self, denoiser: nn.Module, mdp: SamplingMDP, policy: nn.Module, discriminator: nn.Module,
                  reward: Reward, algo: PPO, train_data: Tensor, rollout_batch: int = 256, disc_steps: int = 4,
                  disc_batch: int = 1024, seed: int = 0, eval_every: int = 0,
-                 evaluate: Callable[["SamplerPolicyModule"], dict[str, float]] | None = None):
+                 evaluate: Callable[["SamplerPolicyModule"], dict[str, float]] | None = None,
+                 max_approx_kl: float | None = 10.0, patience: int = 3, max_policy_param: float | None = 1.0e6,
+                 max_policy_grad_norm: float | None = 1.0e8, disc_patience: int = 10):
         super().__init__()
         if rollout_batch < 2:
             raise ValueError(f"system.rollout_batch must be >= 2 (advantages need a batch), got {rollout_batch}")
@@ -89,6 +121,9 @@ class SamplerPolicyModule(L.LightningModule):
         self.seed, self.eval_every, self.evaluate_fn = int(seed), int(eval_every), evaluate
         self.register_buffer("weights", reward.weights(mdp.horizon))
         self.register_buffer("nfe_spent", torch.zeros((), dtype=torch.float64))  # all ranks' rollouts, in checkpoints
+        self.limits = DivergenceLimits(max_approx_kl, int(patience), max_policy_param, max_policy_grad_norm,
+                                       int(disc_patience))
+        self.streaks = {"approx_kl": 0, "disc": 0}  # consecutive iterations over a limit (not checkpointed)
         self.timings: dict[str, float] = {}
         self.per_step: dict[str, list[float]] = {}  # the last iteration's per-step diagnostics (one entry per step)
 
@@ -100,7 +135,24 @@ class SamplerPolicyModule(L.LightningModule):
         optimizers = [torch.optim.Adam(params, lr=self.algo.lr), self.discriminator.make_optimizer()]
         if self.value is not None:
             optimizers.append(torch.optim.Adam(self.value.parameters(), lr=self.algo.value_lr))
+        # the configured settings (lr, betas, ...): a resumed run re-applies them over the checkpoint's
+        self._configured = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                            for opt in optimizers]
         return optimizers
+
+    def on_train_start(self) -> None:
+        """After a resume restored the optimisers' state: apply this config's optimiser settings (``algo.lr``,
+        ``discriminator.lr``, ...) instead of the checkpoint's, and say which ones changed."""
+        names = ("policy", "discriminator", "value")
+        changed = []
+        for name, opt, groups in zip(names, self.trainer.optimizers, getattr(self, "_configured", [])):
+            for group, configured in zip(opt.param_groups, groups):
+                for key, value in configured.items():
+                    if key in group and group[key] != value:
+                        changed.append(f"{name} optimiser {key} {group[key]} -> {value}")
+                    group[key] = value
+        if changed and self.trainer.is_global_zero:
+            report("resumed with changed optimiser settings, applied: " + "; ".join(dict.fromkeys(changed)))
 
     def train_dataloader(self):
         # one dummy batch per epoch: an epoch is one iteration of the loop
@@ -220,6 +272,39 @@ class SamplerPolicyModule(L.LightningModule):
             transitions = self.advantages(rollout, scores.rewards)
             ppo_diag = self.update_policy(transitions, optimizers)
         self.log_iteration(rollout, scores, disc_diag, ppo_diag)
+        self.check_divergence(ppo_diag, disc_diag)
+
+    # -- divergence ----------------------------------------------------------------------------------------------
+    def _diverged(self, symptom: str) -> None:
+        raise DivergenceError(f"training diverged at iteration {self.iteration}: {symptom}; the run stops here; the "
+                              "last checkpoint (checkpoints/last.ckpt) holds the last good state")
+
+    def _streak(self, name: str, over: bool, patience: int) -> bool:
+        self.streaks[name] = self.streaks[name] + 1 if over else 0
+        return patience > 0 and self.streaks[name] >= patience
+
+    def check_divergence(self, ppo_diag: dict, disc_diag: dict) -> None:
+        """Stop the run (:class:`DivergenceError`) on the symptoms of :class:`DivergenceLimits`."""
+        lim = self.limits
+        with torch.no_grad():
+            params = [p.detach().abs().max() for p in self.policy.parameters() if p.numel()]
+            largest = float(torch.stack(params).max()) if params else 0.0
+        if not math.isfinite(largest) or (lim.max_policy_param is not None and largest > lim.max_policy_param):
+            self._diverged(f"policy parameters exploded (largest |value| {largest:.3g} > system.max_policy_param="
+                           f"{lim.max_policy_param})")
+        grad = float(ppo_diag.get("ppo/grad_norm", 0.0))
+        if not math.isfinite(grad) or (lim.max_policy_grad_norm is not None and grad > lim.max_policy_grad_norm):
+            self._diverged(f"policy gradient norm {grad:.3g} > system.max_policy_grad_norm={lim.max_policy_grad_norm}")
+        kl = float(ppo_diag.get("ppo/approx_kl", 0.0))
+        kl_over = not math.isfinite(kl) or (lim.max_approx_kl is not None and kl > lim.max_approx_kl)
+        if self._streak("approx_kl", kl_over, lim.patience if lim.max_approx_kl is not None else 0):
+            self._diverged(f"approx-KL {kl:.3g} > system.max_approx_kl={lim.max_approx_kl} for "
+                           f"{self.streaks['approx_kl']} consecutive iterations (system.patience={lim.patience})")
+        acc = float(disc_diag["disc/acc"]) if "disc/acc" in disc_diag else 0.5
+        stuck = min(acc, 1.0 - acc) <= DISC_STUCK_TOL
+        if self._streak("disc", stuck, lim.disc_patience):
+            self._diverged(f"discriminator accuracy stuck at {acc:.3f} for {self.streaks['disc']} consecutive "
+                           f"iterations (system.disc_patience={lim.disc_patience})")
 
     # -- logging -------------------------------------------------------------------------------------------------
     def log_iteration(self, rollout: Rollout, scores: Scores, disc_diag: dict[str, Tensor],

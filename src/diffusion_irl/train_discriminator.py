@@ -28,7 +28,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_irl.config import ConfigError, build, exit_on_config_error, require
+from diffusion_irl.config import (ConfigError, build, exit_on_config_error, require, require_bool, require_int,
+                                  require_str)
+from diffusion_irl.runs import build_logger, check_run_dir, output_dir, warn_unread_additions
 from diffusion_irl.discriminator.module import DiscriminatorModule, forward_noise, paired_batch
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.seeding import derive_seed, generator, sample_seeds
@@ -37,13 +39,13 @@ from diffusion_irl.sampling.samplers import Sampler
 
 
 def check_config(cfg: DictConfig) -> None:
-    t = cfg.train
+    require_int(cfg, "seed", min=0, max=2**32 - 1)
+    require_bool(cfg, "overwrite")
+    require_str(cfg, "device")
     for key in ("nfe", "num_fake", "num_heldout", "batch_size", "generate_batch_size"):
-        value = t.get(key)
-        require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                f"train.{key} must be a positive integer, got {value!r}")
+        require_int(cfg, f"train.{key}", min=1, max=10**9)
     for key in ("terminal_only", "noise_terminal"):
-        require(isinstance(t.get(key), bool), f"train.{key} must be true or false, got {t.get(key)!r}")
+        require_bool(cfg, f"train.{key}")
 
 
 def generate_states(sampler: Sampler, denoiser, shape: Sequence[int], steps: int, num: int, seed: int,
@@ -103,6 +105,7 @@ def heldout_set(pairs: PairedBatches, batch_size: int) -> TensorDataset:
 def train_discriminator(cfg: DictConfig) -> float:
     """Run one job from a composed config (needs a Hydra context for ``${hydra:...}``); returns held-out accuracy."""
     check_config(cfg)
+    warn_unread_additions(cfg)
     t = cfg.train
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg, "data")
@@ -126,8 +129,9 @@ def train_discriminator(cfg: DictConfig) -> float:
     device = torch.device(cfg.device)
     if isinstance(denoiser, torch.nn.Module):
         denoiser = denoiser.to(device).eval().requires_grad_(False)
-    logger = build(cfg, "logger") if cfg.get("logger") else False
-    checkpoint = build(cfg, "checkpoint")
+    check_run_dir(output_dir(), overwrite=cfg.overwrite, markers=("checkpoints/last.ckpt",))
+    logger = build_logger(cfg)
+    checkpoint = build(cfg, "checkpoint", enable_version_counter=False)
     trainer = build(cfg, "trainer", callbacks=[checkpoint], logger=logger)
 
     levels = sampler.sigmas(steps)[1:].float() if t.terminal_only and t.noise_terminal else None

@@ -23,6 +23,29 @@ from diffusion_irl.config import module_and_config, plain
 from diffusion_irl.denoisers.precond import EDMPrecond, edm_loss_weight
 
 
+def check_network_shape(net: Mapping | nn.Module | None, shape: Sequence[int]) -> None:
+    """The project's networks against one sample's ``shape`` (a ``ValueError`` before any training): the MLP works
+    on vectors ``[dim]``, the U-Net on images ``[in_channels, H, W]``."""
+    if net is None:
+        return
+    config = plain(net) if isinstance(net, Mapping) else plain(getattr(net, "config", None))
+    if not isinstance(config, Mapping):
+        return
+    target, shape = str(config.get("_target_", "")), [int(s) for s in plain(shape)]
+    kind = target.rsplit(".", 1)[-1]
+    if kind == "MLP":
+        dim = config.get("dim")
+        dims = [int(dim)] if isinstance(dim, int) else [int(d) for d in (dim or [])]
+        if len(shape) != 1 or dims != shape:
+            raise ValueError(f"the MLP denoiser works on vectors of shape {dims}, the data's samples have shape "
+                             f"{shape}: use denoiser=unet (or cached_unet) for images")
+    elif kind == "UNet":
+        channels = config.get("in_channels")
+        if len(shape) != 3 or channels != shape[0]:
+            raise ValueError(f"the U-Net denoiser works on images [{channels}, H, W], the data's samples have shape "
+                             f"{shape}: use denoiser=mlp (or cached_mlp) for vectors")
+
+
 class DenoiserModule(L.LightningModule):
     """Trains ``D = EDMPrecond(net, sigma_data, shape)`` with the EDM loss.
 
@@ -55,6 +78,7 @@ class DenoiserModule(L.LightningModule):
             raise ValueError("DenoiserModule needs sigma_data > 0, P_std > 0, 0 <= ema_decay < 1, "
                              f"0 <= label_dropout <= 1; got {sigma_data}, {P_std}, {ema_decay}, {label_dropout}")
         shape = [int(s) for s in plain(shape)]
+        check_network_shape(net_config, shape)
         self.save_hyperparameters(dict(net=net_config, shape=shape, sigma_data=float(sigma_data), P_mean=float(P_mean),
                                        P_std=float(P_std), ema_decay=float(ema_decay), optimizer=optimizer_config,
                                        label_dropout=float(label_dropout)))
@@ -139,14 +163,30 @@ class DenoiserModule(L.LightningModule):
         self.ema_updates += 1
 
 
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    weights_only: bool = True) -> dict:
+    """``torch.load`` of a Lightning checkpoint; anything else (an empty file, random bytes, another pickle) is a
+    ``ValueError`` saying "not a checkpoint of this project: <path>"."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as exc:  # torch.load raises many kinds (EOFError, UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"not a checkpoint of this project: {os.fspath(path)} ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"not a checkpoint of this project: {os.fspath(path)} (holds a {type(ckpt).__name__})")
+    return ckpt
+
+
 def load_denoiser(path: str | os.PathLike, ema: bool = True, map_location: str | torch.device = "cpu") -> EDMPrecond:
     """The denoiser ``D(x, sigma)`` stored in a DenoiserModule checkpoint (EMA weights by default), eval, no grad."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"denoiser checkpoint not found: {path!r} (set denoiser.path=<a .ckpt written by "
                                 "python -m diffusion_irl.pretrain, e.g. outputs/.../checkpoints/last.ckpt>)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hp = ckpt.get("hyper_parameters", {})
+    ckpt = read_checkpoint(path, map_location)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "state_dict" not in ckpt or not isinstance(hp, Mapping) or not {"sigma_data", "shape"} <= set(hp):
+        raise ValueError(f"not a checkpoint of this project: {path} (no DenoiserModule state; expected a .ckpt "
+                         "written by python -m diffusion_irl.pretrain)")
     if hp.get("net") is None:
         raise ValueError(f"{path}: the checkpoint does not record its network config (the DenoiserModule was given "
                          "an nn.Module without a `config` attribute), so it cannot be rebuilt from the file alone")
@@ -173,6 +213,7 @@ def cached_denoiser(data: Mapping, module: Mapping, max_steps: int = 2000, cache
     if int(max_steps) < 1:
         raise ValueError(f"denoiser.max_steps must be >= 1, got {max_steps}")
     data_cfg, module_cfg = plain(data), plain(module)
+    check_network_shape(module_cfg.get("net"), module_cfg.get("shape") or data_cfg.get("shape") or [])
     key = json.dumps({"data": data_cfg, "module": module_cfg, "max_steps": int(max_steps), "seed": int(seed)}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = os.path.join(os.fspath(cache_dir), f"denoiser_{digest}.ckpt")

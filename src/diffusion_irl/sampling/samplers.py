@@ -7,7 +7,8 @@ Every sampler answers two questions the evaluator asks:
 The single-step samplers (:class:`SingleStepSampler`: Euler, Heun, EDM stochastic Heun, ancestral / DDIM) also
 expose one step, ``step(D, x, sigma, sigma_next, noise)``, and its stochastic parts (an optional churn move before
 the step, ancestral noise inside it), which the sampling MDP (``mdp/env.py``) modifies by its actions. Samplers
-whose step depends on more than the current state (DPM-Solver++(2M)'s history, Restart's jumps) have
+whose step depends on more than the current state (the multistep histories of DPM-Solver++(2M/3M), iPNDM and
+UniPC, Restart's jumps) have
 ``single_step = False``.
 """
 from __future__ import annotations
@@ -241,6 +242,68 @@ class DPMpp2M(Sampler):
 
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_dpmpp_2m(D, x, sigmas, callback=callback)
+
+
+class IPNDM(Sampler):
+    """iPNDM (docs/method.md section 9): fixed-step Adams–Bashforth in sigma on ``d = (x - D) / sigma``, orders 1, 2,
+    3 then ``max_order`` (4), with the fixed-step weights (as GITS and AMED's iPNDM) or, with ``variable_step``,
+    the weights of the Lagrange interpolant on the actual sigmas. ``afs`` (analytic first step) replaces the first
+    evaluation, at sigma_max, by ``data_mean``: it saves one NFE (planned NFE = steps - 1, and at least 2 steps)."""
+
+    name = "ipndm"
+
+    def __init__(self, schedule: Schedule | None = None, max_order: int = 4, afs: bool = False,
+                 data_mean: float = 0.0, variable_step: bool = False):
+        super().__init__(schedule)
+        if not 1 <= int(max_order) <= len(solvers.IPNDM_COEFFS):
+            raise ValueError(f"ipndm max_order must be in 1..{len(solvers.IPNDM_COEFFS)}, got {max_order}")
+        self.max_order, self.afs, self.data_mean = int(max_order), bool(afs), float(data_mean)
+        self.variable_step = bool(variable_step)
+        self.nfe_offset = -1 if self.afs else 0
+        self.min_steps = 2 if self.afs else 1
+
+    def _solve(self, D, x, sigmas, noise, callback):
+        return solvers.sample_ipndm(D, x, sigmas, max_order=self.max_order, afs=self.afs, data_mean=self.data_mean,
+                                    variable_step=self.variable_step, callback=callback)
+
+    def __repr__(self) -> str:
+        return (f"IPNDM(max_order={self.max_order}, afs={self.afs}, variable_step={self.variable_step}, "
+                f"schedule={self.schedule!r})")
+
+
+class DPMpp3M(Sampler):
+    """DPM-Solver++(3M) (docs/method.md section 9), with diffusers' ``lower_order_final`` rule (below 15 steps the
+    last two steps use orders 2 and 1) and a first-order final step to sigma 0."""
+
+    name = "dpmpp_3m"
+
+    def __init__(self, schedule: Schedule | None = None, lower_order_final: bool = True):
+        super().__init__(schedule)
+        self.lower_order_final = bool(lower_order_final)
+
+    def _solve(self, D, x, sigmas, noise, callback):
+        return solvers.sample_dpmpp_3m(D, x, sigmas, lower_order_final=self.lower_order_final, callback=callback)
+
+
+class UniPC(Sampler):
+    """UniPC, bh2 variant on the data prediction (docs/method.md section 9): predictor UniP-p and corrector UniC-p,
+    the corrector reusing the next evaluation (1 NFE per step, no corrector after the last step). ``order`` is
+    diffusers' ``solver_order``; ``lower_order_final`` caps the order at ``steps - i`` as diffusers does."""
+
+    name = "unipc"
+
+    def __init__(self, schedule: Schedule | None = None, order: int = 3, lower_order_final: bool = True):
+        super().__init__(schedule)
+        if int(order) < 1:
+            raise ValueError(f"unipc order must be >= 1, got {order}")
+        self.order, self.lower_order_final = int(order), bool(lower_order_final)
+
+    def _solve(self, D, x, sigmas, noise, callback):
+        return solvers.sample_unipc(D, x, sigmas, order=self.order, lower_order_final=self.lower_order_final,
+                                    callback=callback)
+
+    def __repr__(self) -> str:
+        return f"UniPC(order={self.order}, schedule={self.schedule!r})"
 
 
 class Restart(Sampler):

@@ -137,6 +137,76 @@ class DiscreteVPSchedule(Schedule):
         return f"DiscreteVPSchedule({', '.join(f'{k}={v}' for k, v in self.kw.items())})"
 
 
+def logsnr_uniform_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+    """Uniform in ``lambda = -log sigma`` (half the log-SNR): ``sigma_i = exp(log smax + i/(n-1) (log smin -
+    log smax))``, then 0 (the spacing DPM-Solver and UniPC recommend)."""
+    _check_n(n)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    sigmas = torch.exp(hi + ramp * (lo - hi))
+    sigmas[0] = sigma_max  # exact end points, free of exp(log(.)) rounding
+    if n > 1:
+        sigmas[-1] = sigma_min
+    return append_zero(sigmas)
+
+
+def vp_t(sigma, beta_d: float = 19.9, beta_min: float = 0.1) -> Tensor:
+    """The inverse of :func:`vp_sigma`: ``t = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return ((beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)).sqrt() - beta_min) / beta_d
+
+
+def time_uniform_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, beta_d: float = 19.9,
+                        beta_min: float = 0.1) -> Tensor:
+    """Uniform in the time t of EDM's VP parametrisation (EDM's VP discretisation, :func:`vp_sigmas`), with the end
+    times ``t(sigma_max)`` and ``t(sigma_min)`` (:func:`vp_t`) instead of 1 and eps_s: ``t_i = t_max + i/(n-1)
+    (t_min - t_max)``, ``sigma_i = vp_sigma(t_i)``, then 0."""
+    _check_n(n)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if beta_d <= 0 or beta_min < 0:
+        raise ValueError(f"need beta_d > 0 and beta_min >= 0, got {beta_d}, {beta_min}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    t_lo, t_hi = vp_t(sigma_min, beta_d, beta_min), vp_t(sigma_max, beta_d, beta_min)
+    sigmas = vp_sigma(t_hi + ramp * (t_lo - t_hi), beta_d, beta_min)
+    sigmas[0] = sigma_max  # exact end points, free of the round trip through t
+    if n > 1:
+        sigmas[-1] = sigma_min
+    return append_zero(sigmas)
+
+
+class LogSNRUniformSchedule(Schedule):
+    """:func:`logsnr_uniform_sigmas`: uniform in log sigma between sigma_min and sigma_max, then 0."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        logsnr_uniform_sigmas(2, sigma_min, sigma_max)  # validate now
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def __call__(self, n: int) -> Tensor:
+        return logsnr_uniform_sigmas(n, self.sigma_min, self.sigma_max)
+
+    def __repr__(self) -> str:
+        return f"LogSNRUniformSchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
+
+
+class TimeUniformSchedule(Schedule):
+    """:func:`time_uniform_sigmas`: uniform in EDM's VP time between t(sigma_max) and t(sigma_min), then 0."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, beta_d: float = 19.9, beta_min: float = 0.1):
+        time_uniform_sigmas(2, sigma_min, sigma_max, beta_d, beta_min)  # validate now
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.beta_d, self.beta_min = float(beta_d), float(beta_min)
+
+    def __call__(self, n: int) -> Tensor:
+        return time_uniform_sigmas(n, self.sigma_min, self.sigma_max, self.beta_d, self.beta_min)
+
+    def __repr__(self) -> str:
+        return (f"TimeUniformSchedule(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, beta_d={self.beta_d}, "
+                f"beta_min={self.beta_min})")
+
+
 def check_sigmas(sigmas: Tensor, where: str = "schedule") -> Tensor:
     """A schedule as data must be strictly decreasing, positive before a final 0: returns it (float64, 0 appended
     when missing) or raises ``ValueError`` naming ``where``."""

@@ -1,0 +1,128 @@
+"""GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling"; docs/method.md section 9).
+
+The variant implemented here:
+
+1. Fine grid: ``M`` Karras levels ``s_0 = sigma_max > ... > s_{M-1} = sigma_min`` (exponent ``rho``) and
+   ``s_M = 0``: ``M + 1`` levels in all.
+2. Teacher: Heun (EDM Algorithm 1; the last step, to 0, is Euler) along the fine grid from ``num_warmup`` initial
+   noises ``x_0 = sigma_max eps`` (seeds from ``("tune", "gits", seed)``). It keeps every state ``x_i`` and the
+   first denoiser evaluation of each step, ``D_i = D(x_i, s_i)``. Cost: ``num_warmup (2M - 1)`` evaluations.
+3. Cost matrix, for ``i < j``::
+
+       x_hat_{i->j} = x_i + (s_j - s_i) (x_i - D_i) / s_i        (one Euler step from the teacher's state)
+       C[i, j]      = mean_b || x_hat_{i->j} - x_j ||_2            (per-sample L2 norm, mean over the noises)
+
+   The Euler step is the first-order step of every solver here (DDIM, DPM-Solver++, iPNDM and UniPC all reduce
+   to it at first order in sigma-space), as in GITS; it reuses ``D_i``, so the matrix costs nothing beyond the
+   teacher. ``C[i, j] = inf`` for ``j <= i``.
+4. Dynamic programming: the ``N``-step path ``0 = i_0 < i_1 < ... < i_N = M`` that minimises
+   ``sum_k C[i_{k-1}, i_k]`` (``V_k(j) = min_{i<j} V_{k-1}(i) + C[i, j]``, ``V_0 = [0, inf, ...]``). Its levels
+   ``s_{i_0}, ..., s_{i_N}`` are the schedule: ``N + 1`` sigmas, first ``sigma_max``, last 0 (the last non-zero
+   level is chosen by the path, not fixed to ``sigma_min``). Needs ``M >= N``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion_irl.sampling.schedules import karras_sigmas
+from diffusion_irl.sampling.solvers import heun_step, to_d
+from diffusion_irl.tensors import append_dims
+from diffusion_irl.tuning.tuners import Tuner, initial_noise, positive_int, sigma_range
+
+
+@torch.no_grad()
+def teacher_trajectory(D, x: Tensor, sigmas: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Heun along ``sigmas`` ([M + 1], ending in 0) from ``x``: the states ``[x_0 .. x_M]`` and the denoised
+    estimates ``[D_0 .. D_{M-1}]`` (the first evaluation of each step). NFE: ``2M - 1``."""
+    states, denoised = [x], []
+    for i in range(len(sigmas) - 1):
+        x, den = heun_step(D, x, sigmas[i], sigmas[i + 1])
+        states.append(x)
+        denoised.append(den)
+    return states, denoised
+
+
+def cost_matrix(states: list[Tensor], denoised: list[Tensor], sigmas: Tensor) -> Tensor:
+    """``C[i, j] = mean_b || x_i + (s_j - s_i) (x_i - D_i) / s_i - x_j ||`` for ``i < j`` (float64
+    [M + 1, M + 1]; ``inf`` on and below the diagonal)."""
+    levels = len(sigmas)
+    targets = torch.stack(states).double()  # [M + 1, B, ...]
+    sigmas = sigmas.to(device=targets.device, dtype=torch.float64)
+    C = torch.full((levels, levels), float("inf"), dtype=torch.float64, device=targets.device)
+    for i in range(levels - 1):
+        x = targets[i]
+        d = to_d(x, sigmas[i].expand(x.shape[0]), denoised[i].double())
+        h = append_dims(sigmas[i + 1:] - sigmas[i], x.ndim + 1)  # [L - i - 1, 1, ...]
+        err = x.unsqueeze(0) + h * d.unsqueeze(0) - targets[i + 1:]
+        C[i, i + 1:] = err.flatten(2).norm(dim=2).mean(dim=1)
+    return C.cpu()
+
+
+def best_path(C: Tensor, steps: int) -> list[int]:
+    """The ``steps``-step path from index 0 to the last index of the cost matrix ``C`` ([L, L], ``C[i, j]`` the cost
+    of the move ``i -> j``; ``inf`` forbids it) with the smallest total cost, by dynamic programming:
+    ``V_k(j) = min_i V_{k-1}(i) + C[i, j]``. ``ValueError`` when no such path exists."""
+    L = C.shape[0]
+    C = C.double()
+    V = torch.full((L,), float("inf"), dtype=torch.float64)
+    V[0] = 0.0
+    parents = []
+    for _ in range(steps):
+        total = V[:, None] + C  # [from, to]
+        V, arg = total.min(dim=0)
+        parents.append(arg)
+    if not torch.isfinite(V[L - 1]):
+        raise ValueError(f"no {steps}-step path from level 0 to level {L - 1}")
+    path = [L - 1]
+    for arg in reversed(parents):
+        path.append(int(arg[path[-1]]))
+    return path[::-1]
+
+
+class GITSTuner(Tuner):
+    """GITS: the DP path of least local (one Euler step) error against a fine Heun teacher (see the module doc).
+
+    Args:
+        levels: M, the fine grid's non-zero levels. rho, sigma_min, sigma_max: its Karras parameters.
+        num_warmup: teacher trajectories. batch_size: teacher chunk.
+    """
+
+    name = "gits"
+
+    def __init__(self, levels: int = 100, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 num_warmup: int = 256, batch_size: int = 1024):
+        self.levels = positive_int(levels, "tuner.levels", 2)
+        self.sigma_min, self.sigma_max = sigma_range(sigma_min, sigma_max, "tuner")
+        if not rho > 0:
+            raise ValueError(f"tuner.rho must be > 0, got {rho}")
+        self.rho = float(rho)
+        self.num_warmup = positive_int(num_warmup, "tuner.num_warmup")
+        self.batch_size = positive_int(batch_size, "tuner.batch_size")
+
+    def settings(self) -> dict:
+        return {"levels": self.levels, "rho": self.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+                "num_warmup": self.num_warmup, "teacher": f"heun on the {self.levels}-level grid",
+                "local_step": "euler"}
+
+    def check(self, sampler, nfe):
+        steps = super().check(sampler, nfe)
+        if self.levels < steps:
+            raise ValueError(f"tuner.levels={self.levels} is too few for {steps} steps: the path visits {steps} of "
+                             f"the M fine levels before 0, so M must be >= {steps}")
+        return steps
+
+    def fine_sigmas(self) -> Tensor:
+        return karras_sigmas(self.levels, self.sigma_min, self.sigma_max, self.rho)
+
+    def _tune(self, sampler, D, datamodule, steps, seed, device):
+        sigmas = self.fine_sigmas().to(device)
+        x_T = initial_noise(self.num_warmup, datamodule.shape, self.sigma_max, ("tune", "gits", seed), device)
+        C = torch.zeros(len(sigmas), len(sigmas), dtype=torch.float64)
+        for start in range(0, self.num_warmup, self.batch_size):
+            chunk = x_T[start:start + self.batch_size]
+            states, denoised = teacher_trajectory(D, chunk, sigmas)
+            C += cost_matrix(states, denoised, sigmas) * (len(chunk) / self.num_warmup)
+        path = best_path(C, steps)
+        total = float(sum(C[a, b] for a, b in zip(path[:-1], path[1:])))
+        return sigmas.cpu()[path], {"path": path, "path_cost": total}

@@ -1,0 +1,179 @@
+"""LD3 (Tong et al. 2025, "Learning to Discretize Denoising Diffusion ODEs"; docs/method.md section 9).
+
+The variant implemented here:
+
+- **Parametrisation** (:class:`LogSigmaLevels`): ``N`` logits ``xi`` give ``N`` positive increments
+  ``w = softmax(xi)`` (summing to 1) in log sigma, ``log s_k = log sigma_max - (log sigma_max - log sigma_min)
+  sum_{m<k} w_m`` for ``k = 0..N``: strictly decreasing, ``s_0 = sigma_max``, ``s_N = sigma_min``. The schedule is
+  ``[s_0, ..., s_{N-1}, 0]``: the solver's last step goes from ``s_{N-1}`` straight to 0, so the last increment
+  ``w_{N-1}`` sets how far above ``sigma_min`` the last non-zero level sits. The logits start at the Karras schedule
+  of exponent ``init_rho`` with ``N + 1`` levels from ``sigma_max`` to ``sigma_min``.
+- **Teacher pairs**: ``num_pairs`` initial noises ``x_T = sigma_max eps`` (seeds from ``("tune", "ld3", seed)``)
+  and ``x_0^teacher`` = Heun (EDM Algorithm 1) with ``teacher_steps`` steps on the default Karras schedule (rho 7)
+  from ``sigma_max`` to ``sigma_min``, then 0. Cost: ``num_pairs (2 teacher_steps - 1)`` evaluations.
+- **Student**: the tuned solver run on the learned schedule with autograd on (:func:`solve`, a differentiable
+  loop: Euler and Heun call ``solvers.euler_step`` / ``solvers.heun_step``, DPM-Solver++(2M) calls
+  ``solvers.dpmpp_2m_step``; iPNDM is a small local loop with the Adams-Bashforth coefficients of docs/method.md
+  section 9, because the sampler's own loop runs under ``torch.no_grad``).
+- **Slack**: the student starts from ``x_T' = x_T + r ||x_T|| u_b`` with ``u_b`` a per-pair free vector projected
+  onto the unit ball (``u <- u / max(1, ||u||)``), optimised jointly with the logits.
+- **Loss**: ``L(xi, u) = mean_b || Psi_xi(x_T'_b) - x_0^teacher_b ||_2^2 / dim`` (the plain L2 distance; for images
+  too, not the feature distance of LD3's LPIPS: noted as not done). Adam on ``(xi, u)`` for ``iterations`` full-batch
+  steps; the schedule of the smallest loss seen is returned. Cost per iteration: ``num_pairs x NFE`` forward
+  evaluations (the backward passes are not counted).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_irl.sampling.schedules import karras_sigmas
+from diffusion_irl.sampling.solvers import dpmpp_2m_step, euler_step, heun_step, sample_heun, to_d
+from diffusion_irl.tensors import append_dims
+from diffusion_irl.tuning.tuners import Tuner, initial_noise, positive_int, sigma_range
+
+# the Adams-Bashforth coefficients of iPNDM's orders 1..4 (docs/method.md section 9), newest slope first
+IPNDM_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+class LogSigmaLevels(nn.Module):
+    """``N`` logits -> ``N + 1`` levels ``s_0 = sigma_max > ... > s_N = sigma_min`` (increments
+    ``softmax(logits)`` of the log range); ``forward()`` is the schedule ``[s_0 .. s_{N-1}, 0]`` (float64)."""
+
+    def __init__(self, steps: int, sigma_min: float, sigma_max: float, init_rho: float = 7.0):
+        super().__init__()
+        self.log_max, self.log_min = math.log(sigma_max), math.log(sigma_min)
+        start = karras_sigmas(steps + 1, sigma_min, sigma_max, init_rho)[:-1]  # N + 1 levels, max .. min
+        increments = -start.log().diff() / (self.log_max - self.log_min)
+        self.logits = nn.Parameter(increments.clamp_min(1e-12).log())
+
+    def levels(self) -> Tensor:
+        w = torch.softmax(self.logits, dim=0)
+        cum = torch.cat([w.new_zeros(1), torch.cumsum(w, dim=0)])
+        return torch.exp(self.log_max - (self.log_max - self.log_min) * cum)
+
+    def forward(self) -> Tensor:
+        levels = self.levels()
+        return torch.cat([levels[:-1], levels.new_zeros(1)])
+
+
+def _ipndm(D, x: Tensor, sigmas: Tensor) -> Tensor:
+    """iPNDM: ``x += h sum_m c_m d_{i-m}`` with the order ``min(i, 3) + 1`` coefficients (docs/method.md 9)."""
+    slopes: list[Tensor] = []
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i].expand(x.shape[0])
+        slopes.insert(0, to_d(x, sigma, D(x, sigma)))
+        slopes = slopes[:4]
+        coefs = IPNDM_COEFFICIENTS[len(slopes) - 1]
+        x = x + (sigmas[i + 1] - sigmas[i]) * sum(c * d for c, d in zip(coefs, slopes))
+    return x
+
+
+def _dpmpp_2m(D, x: Tensor, sigmas: Tensor) -> Tensor:
+    old = None
+    for i in range(len(sigmas) - 1):
+        den = D(x, sigmas[i].expand(x.shape[0]))
+        x_next = dpmpp_2m_step(x, sigmas[i], sigmas[i + 1], den, old, sigmas[i - 1] if i > 0 else None)
+        old, x = den, x_next
+    return x
+
+
+def _single_step(step):
+    def solve(D, x: Tensor, sigmas: Tensor) -> Tensor:
+        for i in range(len(sigmas) - 1):
+            x, _ = step(D, x, sigmas[i], sigmas[i + 1])
+        return x
+
+    return solve
+
+
+SOLVERS = {"euler": _single_step(euler_step), "heun": _single_step(heun_step), "ipndm": _ipndm,
+           "dpmpp_2m": _dpmpp_2m}
+
+
+def solve(name: str, D, x: Tensor, sigmas: Tensor) -> Tensor:
+    """The solver ``name`` from ``x`` along ``sigmas`` (autograd on: differentiable in ``x`` and ``sigmas``)."""
+    if name not in SOLVERS:
+        raise ValueError(f"ld3 backpropagates through the solvers {sorted(SOLVERS)} only, not {name}")
+    return SOLVERS[name](D, x, sigmas.to(x.dtype))
+
+
+def project_ball(u: Tensor) -> Tensor:
+    """Each row of ``u`` scaled into the unit ball: ``u / max(1, ||u||)``."""
+    norm = u.flatten(1).norm(dim=1).clamp_min(1.0)
+    return u / append_dims(norm, u.ndim)
+
+
+def ld3_loss(name: str, D, sigmas: Tensor, x_T: Tensor, u: Tensor | None, radius: Tensor, target: Tensor) -> Tensor:
+    """``mean_b || Psi(x_T + r_b proj(u_b)) - x_0^teacher_b ||^2 / dim`` (``u`` None: no slack)."""
+    start = x_T if u is None else x_T + append_dims(radius, x_T.ndim) * project_ball(u)
+    out = solve(name, D, start, sigmas)
+    return (out - target).flatten(1).pow(2).sum(1).mean() / target[0].numel()
+
+
+class LD3Tuner(Tuner):
+    """LD3: the schedule learned by matching a Heun teacher from a slack ball (see the module doc).
+
+    Args:
+        num_pairs: teacher pairs. teacher_steps: the teacher's Heun steps. sigma_min, sigma_max: the span of the
+        learned levels (and the teacher's). iterations, lr: Adam. slack: the ball's radius ``r`` relative to
+        ``||x_T||`` (0: no slack). init_rho: the Karras exponent the levels start from.
+    """
+
+    name = "ld3"
+
+    def __init__(self, num_pairs: int = 100, teacher_steps: int = 100, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, iterations: int = 300, lr: float = 0.05, slack: float = 0.05,
+                 init_rho: float = 7.0):
+        self.num_pairs = positive_int(num_pairs, "tuner.num_pairs")
+        self.teacher_steps = positive_int(teacher_steps, "tuner.teacher_steps", 2)
+        self.sigma_min, self.sigma_max = sigma_range(sigma_min, sigma_max, "tuner")
+        self.iterations = positive_int(iterations, "tuner.iterations")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"tuner.lr must be > 0, got {lr}")
+        if not (math.isfinite(slack) and 0 <= slack < 1):
+            raise ValueError(f"tuner.slack must be in [0, 1), got {slack}")
+        if not init_rho > 0:
+            raise ValueError(f"tuner.init_rho must be > 0, got {init_rho}")
+        self.lr, self.slack, self.init_rho = float(lr), float(slack), float(init_rho)
+
+    def settings(self) -> dict:
+        return {"num_pairs": self.num_pairs, "teacher": f"heun, {self.teacher_steps} steps, karras rho 7",
+                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "iterations": self.iterations,
+                "lr": self.lr, "slack": self.slack, "init_rho": self.init_rho, "distance": "l2"}
+
+    def check(self, sampler, nfe):
+        steps = super().check(sampler, nfe)
+        if sampler.name not in SOLVERS:
+            raise ValueError(f"tuner=ld3 backpropagates through the solvers {sorted(SOLVERS)} only; "
+                             f"sampler {sampler.name} is not one of them")
+        return steps
+
+    def teacher(self, D, shape, seed: int, device) -> tuple[Tensor, Tensor]:
+        """``(x_T, x_0^teacher)``: Heun with ``teacher_steps`` steps on Karras (rho 7) from ``sigma_max``."""
+        x_T = initial_noise(self.num_pairs, shape, self.sigma_max, ("tune", "ld3", seed), device)
+        sigmas = karras_sigmas(self.teacher_steps, self.sigma_min, self.sigma_max, 7.0).to(device)
+        return x_T, sample_heun(D, x_T, sigmas)
+
+    def _tune(self, sampler, D, datamodule, steps, seed, device):
+        x_T, target = self.teacher(D, tuple(datamodule.shape), seed, device)
+        levels = LogSigmaLevels(steps, self.sigma_min, self.sigma_max, self.init_rho).to(device)
+        u = torch.zeros_like(x_T, requires_grad=True) if self.slack > 0 else None
+        radius = self.slack * x_T.flatten(1).norm(dim=1)
+        opt = torch.optim.Adam([levels.logits] + ([u] if u is not None else []), lr=self.lr)
+        losses, best = [], (float("inf"), None)
+        for _ in range(self.iterations):
+            sigmas = levels()
+            loss = ld3_loss(sampler.name, D, sigmas, x_T, u, radius, target)
+            losses.append(float(loss.detach()))
+            if losses[-1] < best[0]:
+                best = (losses[-1], sigmas.detach().cpu())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if best[1] is None:
+            raise RuntimeError(f"ld3: the loss was never finite (first {losses[:3]})")
+        return best[1], {"initial_loss": losses[0], "best_loss": best[0], "final_loss": losses[-1],
+                         "losses": losses}
