@@ -15,7 +15,7 @@ from diffusion_irl.config import (ConfigError, build, exit_on_config_error, requ
                                   require_int_list, require_str)
 from diffusion_irl.denoisers.module import check_network_shape
 from diffusion_irl.evaluation import Evaluator, reference_for, scorer_for, summarise, write_outputs
-from diffusion_irl.runs import (append_metric_legend, build_logger, check_run_dir, check_shapes, compact_table,
+from diffusion_irl.runs import (build_logger, check_run_dir, check_shapes, compact_table,
                                 log_results, output_dir, quiet_third_party, report, warn_unread_additions)
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ def run(cfg: DictConfig):
     rows = evaluator.run(denoiser, datamodule.shape)
     title = f"{datamodule.name}, denoiser={cfg.denoiser.get('_target_', '?').rsplit('.', 1)[-1]}, {ev.num_samples} samples, seeds {list(ev.seeds)}"
     paths = write_outputs(rows, output_dir(), title=title, sampler_order=list(samplers))
-    append_metric_legend(paths["md"])
     report(f"{title}\n{compact_table(summarise(rows), list(samplers))}\nfull table: {paths['md']}; "
            f"everything is in {paths['csv'].parent}")
     if logger is not None:

@@ -247,13 +247,30 @@ def plot_quality_vs_nfe(rows: Sequence[Row], path: Path, metrics: Sequence[str] 
     plt.close(fig)
 
 
+# what each metric measures, at the end of every results.md (recall alone can mislead)
+METRIC_LEGEND = """
+## What the metrics measure
+
+- `mmd`, `sliced_w2`, `w2`, `fd`, `fid`: distances between the samples and held-out data (lower is better).
+- `precision`: the share of samples that fall inside the data's k-NN balls (fidelity; higher is better).
+- `recall`: the share of held-out data points that fall inside the *samples'* k-NN balls (coverage of the data;
+  higher is better). Recall alone does not measure fidelity: widely dispersed samples have huge k-NN balls that
+  cover every data point, so their recall is 1.0 while their precision and distances are poor. Read it next to
+  precision and a distance.
+- `density`: the mean number of data k-NN balls holding a sample, / k (about 1 for equal laws); `coverage`: the
+  share of data k-NN balls holding at least one sample (Naeem et al. 2020).
+- `nll`: negative log-likelihood of the samples under the exact data law (when known); `mode_coverage`: the share
+  of the mixture's modes that receive samples.
+"""
+
+
 def write_outputs(rows: Sequence[Row], out_dir: Path, title: str = "", sampler_order: Sequence[str] | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "results.csv", "md": out_dir / "results.md", "png": out_dir / "quality_vs_nfe.png"}
     write_csv(rows, paths["csv"])
     table = markdown_table(rows, sampler_order=sampler_order)
-    paths["md"].write_text((f"# {title}\n\n" if title else "") + table)
+    paths["md"].write_text((f"# {title}\n\n" if title else "") + table + METRIC_LEGEND)
     plot_quality_vs_nfe(rows, paths["png"], title=title)
     return paths
 

@@ -283,28 +283,3 @@ def build_logger(cfg: DictConfig):
     if str(node.get("_target_", "")).endswith("WandbLogger"):
         return build(cfg, "logger", mode=wandb_mode(cfg))
     return build(cfg, "logger")
-
-
-# -- results.md: what the metrics measure --------------------------------------------------------------------------
-METRIC_LEGEND = """
-## What the metrics measure
-
-- `mmd`, `sliced_w2`, `w2`, `fd`, `fid`: distances between the samples and held-out data (lower is better).
-- `precision`: the share of samples that fall inside the data's k-NN balls (fidelity; higher is better).
-- `recall`: the share of held-out data points that fall inside the *samples'* k-NN balls (coverage of the data;
-  higher is better). Recall alone does not measure fidelity: widely dispersed samples have huge k-NN balls that
-  cover every data point, so their recall is 1.0 while their precision and distances are poor. Read it next to
-  precision and a distance.
-- `density`: the mean number of data k-NN balls holding a sample, / k (about 1 for equal laws); `coverage`: the
-  share of data k-NN balls holding at least one sample (Naeem et al. 2020).
-- `nll`: negative log-likelihood of the samples under the exact data law (when known); `mode_coverage`: the share
-  of the mixture's modes that receive samples.
-"""
-
-
-def append_metric_legend(md_path: Path) -> None:
-    """Add :data:`METRIC_LEGEND` to a results.md (once)."""
-    md_path = Path(md_path)
-    text = md_path.read_text() if md_path.exists() else ""
-    if "## What the metrics measure" not in text:
-        md_path.write_text(text.rstrip("\n") + "\n" + METRIC_LEGEND)

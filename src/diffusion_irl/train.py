@@ -18,7 +18,7 @@ from diffusion_irl.config import (ConfigError, build, exit_on_config_error, has,
                                   require_int, require_int_list, require_str)
 from diffusion_irl.denoisers.module import check_network_shape, read_checkpoint
 from diffusion_irl.mdp.policies import frozen_copy
-from diffusion_irl.runs import (append_metric_legend, build_logger, check_run_dir, check_shapes, config_summary,
+from diffusion_irl.runs import (build_logger, check_run_dir, check_shapes, config_summary,
                                 log_results, output_dir, quiet_third_party, report, warn_unread_additions)
 from diffusion_irl.system import NonFiniteError, SamplerPolicyModule
 from diffusion_irl.tuning.compare import TrainedRun
@@ -258,8 +258,6 @@ def run(cfg: DictConfig) -> dict:
                              cfg.train.iterations)
         training_free = {name: build(cfg, f"samplers.{name}") for name in comparison.samplers}
         result.update(comparison.run(trained, training_free, out))
-        if "md" in result.get("paths", {}):
-            append_metric_legend(result["paths"]["md"])
         log_results(logger, result["paths"]["csv"], "compare", [out / "plots" / "samples.png",
                                                                out / "plots" / "schedule.png"])
     return result

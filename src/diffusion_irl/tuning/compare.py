@@ -23,6 +23,7 @@ from diffusion_irl.mdp.env import PolicySampler, SamplingMDP
 from diffusion_irl.mdp.policies import ConstantKnobPolicy, KnobPolicy, TransitionPolicy  # noqa: F401 (types)
 from diffusion_irl.plots import plot_quality_vs_cost, plot_samples, plot_schedule
 from diffusion_irl.runs import compact_table, report
+from diffusion_irl.tuning.grid import write_grid_csv
 from diffusion_irl.sampling.samplers import Sampler
 
 PERIODIC_METRICS = ("mmd", "nll", "precision", "recall", "fd", "coverage")
@@ -77,13 +78,6 @@ class GridSearch:
         best = min(finite, key=lambda r: r[1]) if finite else results[0]
         return {"best": best[0], "best_score": best[1], "metric": metric, "points": results, "nfe": cost,
                 "seconds": time.perf_counter() - start}
-
-
-def write_grid_csv(grid: dict, names: Sequence[str], path: Path) -> None:
-    with open(path, "w") as f:
-        f.write(",".join(names) + f",{grid['metric']}_train\n")
-        for values, score in grid["points"]:
-            f.write(",".join(f"{values[n]:g}" for n in names) + f",{score:.6g}\n")
 
 
 @dataclass
@@ -196,7 +190,7 @@ class Comparison:
         costs = {"tuned": (run.train_nfe, run.train_seconds)}
         if grid is not None:
             costs["grid_best"] = (float(grid["nfe"]), grid.get("seconds"))
-            write_grid_csv(grid, run.policy.names, out / "grid.csv")
+            write_grid_csv(grid["points"], grid["metric"], out / "grid.csv", run.policy.names)
         title = (f"{run.datamodule.name}: tuned vs base at {run.mdp.planned_nfe()} NFE, {self.num_samples} samples, "
                  f"seeds {self.seeds}")
         paths = write_outputs(rows, out, title=title, sampler_order=list(samplers))

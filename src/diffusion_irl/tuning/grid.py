@@ -107,9 +107,11 @@ class GridTuner(Tuner):
                         "num_points": len(points), "points": points}
 
 
-def write_grid_csv(points: Sequence[tuple[dict, float]], metric: str, path: str | Path) -> None:
-    """``grid.csv``: one line per point, ``sigma_max,rho,sigma_min,<metric>_train``."""
+def write_grid_csv(points: Sequence[tuple[dict, float]], metric: str, path: str | Path,
+                   names: Sequence[str] = KEYS) -> None:
+    """``grid.csv``: one line per point, its ``names`` values (default ``sigma_max,rho,sigma_min``) and
+    ``<metric>_train``."""
     with open(path, "w") as f:
-        f.write(",".join(KEYS) + f",{metric}_train\n")
+        f.write(",".join(names) + f",{metric}_train\n")
         for point, value in points:
-            f.write(",".join(f"{point[k]:g}" for k in KEYS) + f",{value:.6g}\n")
+            f.write(",".join(f"{point[k]:g}" for k in names) + f",{value:.6g}\n")
