@@ -419,6 +419,21 @@ def test_tuner_configs(name, tmp_path):
         assert len(tuner.points()) == 125
 
 
+@pytest.mark.parametrize("name", cover("baselines.yaml", "tuners/all.yaml"))
+def test_baselines_and_tuners_configs(name, tmp_path):
+    """baselines.yaml composes the shared tuner list (tuners/all.yaml); train.yaml's comparison names it too."""
+    from diffusion_irl.tuning.tuners import Tuner
+
+    cfg = compose_config("baselines", output_dir=tmp_path)
+    assert list(cfg.baselines.tuners) == ["grid", "gits", "ld3"] and list(cfg.baselines.solvers) == ["euler", "ipndm"]
+    for tuner in cfg.baselines.tuners:
+        assert isinstance(build(cfg, f"tuners.{tuner}"), Tuner)
+    for sampler in [*cfg.baselines.solvers, *cfg.baselines.training_free]:
+        build(cfg, f"samplers.{sampler}")
+    train = compose_config("train", output_dir=tmp_path)
+    assert list(train.compare.tuners) == ["grid", "gits", "ld3"] and sorted(train.tuners) == ["gits", "grid", "ld3"]
+
+
 @pytest.mark.parametrize("name", cover("schedule/sigmas.yaml"))
 def test_sigmas_schedule_config(name, tmp_path):
     from diffusion_irl.sampling.schedules import SigmaSchedule, write_sigmas

@@ -3,6 +3,7 @@ handling, refusal of bad configs, and the experiment presets."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -23,9 +24,13 @@ from .conftest import ROOT
 from .helpers import compose_config
 
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "compare.progress=false"]
+# the schedule tuners of the comparison, small: an 8-point grid, GITS on 40 levels, 10 LD3 steps
+TINY_TUNERS = ["tuners.grid.num_samples=100", "tuners.grid.sigma_max=[5,80]", "tuners.grid.rho=[3,7]",
+               "tuners.grid.sigma_min=[0.002,0.1]", "tuners.gits.levels=40", "tuners.gits.num_warmup=32",
+               "tuners.ld3.num_pairs=16", "tuners.ld3.teacher_steps=20", "tuners.ld3.iterations=10"]
 SMALL = [*QUIET, "denoiser=analytic", "system.rollout_batch=64", "system.eval_every=0", "compare.num_samples=200",
          "compare.seeds=[0]", "compare.samplers=[euler]", "compare.large_nfe=16", "compare.grid.num_samples=200",
-         "compare.num_heldout=500", "data.n_train=5000", "data.n_heldout=2000"]
+         "compare.num_heldout=500", "data.n_train=5000", "data.n_heldout=2000", *TINY_TUNERS]
 TRAIN_ONLY = [*QUIET, "denoiser=analytic", "mdp.nfe=10", "system.rollout_batch=32", "system.disc_steps=2", "system.eval_every=0",
               "compare.enabled=false"]
 GMM8_SMALL = ["data.n_train=2000", "data.n_heldout=500"]
@@ -75,8 +80,8 @@ def test_run_writes_the_comparison(short_run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["sampler", "nfe", "seed", "metric", "value"]
     pairs = {(r["sampler"], r["nfe"]) for r in rows}
-    assert pairs == {("tuned", "10"), ("base", "10"), ("grid_best", "10"), ("euler", "10"), ("base", "16"),
-                     ("reference", "0")}
+    assert pairs == {("tuned", "10"), ("base", "10"), ("grid_best", "10"), ("grid", "10"), ("gits", "10"),
+                     ("ld3", "10"), ("euler", "10"), ("base", "16"), ("reference", "0")}
     assert {r["seed"] for r in rows} == {"0"}
     assert {"mmd", "sliced_w2", "precision", "recall", "nll", "mode_coverage"} <= {r["metric"] for r in rows}
     mmd = {(r["sampler"], r["nfe"]): float(r["value"]) for r in rows if r["metric"] == "mmd"}
@@ -89,6 +94,17 @@ def test_run_writes_the_comparison(short_run):
     assert "## Costs (denoiser evaluations)" in md
     assert "- training: 30 iterations, 1.92e+04 denoiser evaluations" in md  # 30 x 64 trajectories x 10 NFE
     assert "- grid search: 13 constant settings of ['step']" in md
+    # the base sampler on each tuner's schedule: its cost beside its distance, its schedule as data
+    costs = md.split("## Costs (denoiser evaluations)")[1]
+    assert "| grid | 8e+03 |" in costs   # 8 grid points x 100 samples x 10 NFE
+    assert "| gits | 2.53e+03 |" in costs  # 32 teacher trajectories x (2 x 40 - 1) evaluations
+    assert "| tuned | 1.92e+04 |" in costs and " s | mmd " in costs  # the training's wall time is measured
+    tuned_rows = {row.name: row for row in result["tuned_schedules"]}
+    assert sorted(tuned_rows) == ["gits", "grid", "ld3"]
+    for name, row in tuned_rows.items():
+        sigmas = json.loads((out / "schedules" / f"{name}_nfe10.json").read_text())["sigmas"]
+        assert sigmas == pytest.approx([float(v) for v in row.result.sigmas]) and len(sigmas) == 11
+    assert json.loads((out / "tuning.json").read_text())[0]["row"] == "grid"
     assert float(result["module"].nfe_spent) == 30 * 64 * 10 == result["train_nfe"]
 
     with open(out / "grid.csv") as f:

@@ -145,10 +145,25 @@ def test_gits_dynamic_programming_is_optimal(steps):
 
 
 def test_gits_path_uses_the_fine_levels(tuned):
+    """The path runs on the fine levels from sigma_max down to sigma_min (index M - 1), which stands for 0."""
     result, _ = tuned["gits"]
     fine = GITSTuner(**FAST["gits"]).fine_sigmas()
-    assert result.details["path"][0] == 0 and result.details["path"][-1] == len(fine) - 1
-    torch.testing.assert_close(result.sigmas, fine[result.details["path"]])
+    path = result.details["path"]
+    assert path[0] == 0 and path[-1] == len(fine) - 2 and len(path) == 7
+    torch.testing.assert_close(result.sigmas[:-1], fine[path[:-1]])
+    assert float(result.sigmas[-1]) == 0.0 and float(fine[path[-1]]) == pytest.approx(0.002)
+
+
+def test_gits_without_the_sigma_min_end_may_jump_to_zero(datamodule):
+    """end_at_sigma_min=false: the DP's path ends at the fine grid's 0 itself (its last non-zero level is the DP's
+    choice)."""
+    D = AnalyticDenoiser(datamodule.law)
+    free = GITSTuner(**FAST["gits"], end_at_sigma_min=False).tune(Euler(), D, datamodule, 6, seed=0)
+    held = GITSTuner(**FAST["gits"]).tune(Euler(), D, datamodule, 6, seed=0)
+    fine = GITSTuner(**FAST["gits"]).fine_sigmas()
+    assert free.details["path"][-1] == len(fine) - 1
+    torch.testing.assert_close(free.sigmas, fine[free.details["path"]])
+    assert held.details["path"][-1] == len(fine) - 2
 
 
 def test_ld3_levels_are_monotone_and_span_the_range():

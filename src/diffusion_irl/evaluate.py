@@ -50,7 +50,13 @@ def check_evaluate_config(cfg: DictConfig) -> None:
 
 
 def check_budgets(samplers: dict, budgets: list[int]) -> None:
-    """At least one sampler must fit at least one budget (else only the reference row would come out)."""
+    """At least one sampler must fit at least one budget (else only the reference row would come out), and a
+    sampler on a schedule of fixed length (a tuned schedule) must fit one of the budgets."""
+    for name, s in samplers.items():
+        steps = getattr(getattr(s, "schedule", None), "steps", None)
+        if steps is not None and s.steps_for_budget(max(budgets)) is None:
+            raise ConfigError(f"samplers.{name}: its schedule holds {steps} steps ({s.planned_nfe(steps)} NFE), more "
+                              f"than every budget of evaluate.nfe={budgets}: tune it for one of these budgets")
     if any(s.steps_for_budget(b) is not None for s in samplers.values() for b in budgets):
         return
     minimum = ", ".join(f"{name} {s.planned_nfe(s.min_steps)}" for name, s in samplers.items())

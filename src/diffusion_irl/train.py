@@ -8,6 +8,7 @@ iterations, resume with ``ckpt_path=``) -> on rank 0, the comparison (config nod
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import hydra
@@ -63,6 +64,7 @@ _COMPARE_CHECKS = (
     ("batch_size", lambda c, k: require_int(c, k, min=1, max=HUGE)),
     ("feature_cache", lambda c, k: require_str(c, k, optional=True)),
     ("inception_weights", lambda c, k: require_str(c, k, optional=True)),
+    ("tuning_seed", lambda c, k: require_int(c, k, min=0, max=2**32 - 1)),
     ("progress", lambda c, k: require_bool(c, k)),
     ("grid.enabled", lambda c, k: require_bool(c, k)),
     ("grid.num_samples", lambda c, k: require_int(c, k, min=2, max=HUGE)),
@@ -80,6 +82,10 @@ def check_compare_config(cfg: DictConfig) -> None:
     known = sorted(cfg.get("samplers") or {})
     unknown = [n for n in names if n not in known]
     require(not unknown, f"compare.samplers names unknown sampler(s) {unknown}; known: {known}")
+    if has(cfg, "compare.tuners"):
+        names, known = _get_list(cfg, "compare.tuners"), sorted(cfg.get("tuners") or {})
+        unknown = [n for n in names if n not in known]
+        require(not unknown, f"compare.tuners names unknown tuner(s) {unknown}; known: {known}")
 
 
 def _get_list(cfg: DictConfig, key: str) -> list:
@@ -177,6 +183,8 @@ def build_cheap_parts(cfg: DictConfig) -> dict:
     if discriminator.shape is not None:
         require(tuple(discriminator.shape) == tuple(datamodule.shape),
                 f"the discriminator works on shape {list(discriminator.shape)}, data={datamodule.name} has {list(datamodule.shape)}")
+    names = list(OmegaConf.select(cfg, "compare.tuners") or []) if OmegaConf.select(cfg, "compare.enabled") else []
+    parts["tuners"] = {name: build(cfg, f"tuners.{name}") for name in names}  # bad settings fail before training
     return parts
 
 
@@ -250,14 +258,16 @@ def run(cfg: DictConfig) -> dict:
     module = build_system(cfg, parts, evaluate)
     if ckpt is not None:
         check_resume(cfg, ckpt, module, ckpt_path)
+    start = time.perf_counter()
     trainer = fit(cfg, module, logger, ckpt_path)
+    train_seconds = time.perf_counter() - start  # this process's fit (a resumed run: since the resume)
     result = {"module": module, "trainer": trainer}
     if trainer.is_global_zero and comparison.enabled:
         trained = TrainedRun(parts["data"], module.denoiser, parts["mdp"], module.policy,
                              initial.to(module.device), module.discriminator, float(module.nfe_spent),
-                             cfg.train.iterations)
+                             cfg.train.iterations, train_seconds)
         training_free = {name: build(cfg, f"samplers.{name}") for name in comparison.samplers}
-        result.update(comparison.run(trained, training_free, out))
+        result.update(comparison.run(trained, training_free, out, parts["tuners"]))
         log_results(logger, result["paths"]["csv"], "compare", [out / "plots" / "samples.png",
                                                                out / "plots" / "schedule.png"])
     return result

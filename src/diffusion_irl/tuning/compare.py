@@ -1,9 +1,12 @@
 """The training run's comparison (docs/method.md section 7): every row at the same NFE, conditioning and seeds.
 
 Rows: ``tuned`` (the trained policy), ``base`` (the base sampler = the initial policy), ``grid_best`` (the best
-constant knob values of a grid search, selected on the TRAINING split, never the held-out one), every training-free
-sampler named in ``compare.samplers``, and ``base`` again at ``compare.large_nfe``. ``results.md`` carries the
-costs in denoiser evaluations next to the table, so quality and cost sit side by side.
+constant knob values of a grid search, selected on the TRAINING split, never the held-out one), the base sampler on
+the schedule of each tuner named in ``compare.tuners`` (rows ``grid``, ``gits``, ``ld3``: the full Karras grid,
+GITS and LD3, tuned for the same NFE; see ``tuning/baselines.py``), every training-free sampler named in
+``compare.samplers``, and ``base`` again at ``compare.large_nfe``. ``results.md`` carries the costs in denoiser
+evaluations and wall time next to the table (the training's and every tuning's), so quality and cost sit side by
+side.
 
 :class:`Comparison` is built from the ``compare:`` config node; the entry point hands it the trained objects.
 """
@@ -23,8 +26,10 @@ from diffusion_irl.mdp.env import PolicySampler, SamplingMDP
 from diffusion_irl.mdp.policies import ConstantKnobPolicy, KnobPolicy, TransitionPolicy  # noqa: F401 (types)
 from diffusion_irl.plots import plot_quality_vs_cost, plot_samples, plot_schedule
 from diffusion_irl.runs import compact_table, report
-from diffusion_irl.tuning.grid import write_grid_csv
 from diffusion_irl.sampling.samplers import Sampler
+from diffusion_irl.tuning.baselines import TunedRow, tune_rows, write_tuned
+from diffusion_irl.tuning.grid import write_grid_csv
+from diffusion_irl.tuning.tuners import Tuner
 
 PERIODIC_METRICS = ("mmd", "nll", "precision", "recall", "fd", "coverage")
 
@@ -107,17 +112,20 @@ class Comparison:
         large_nfe: the base sampler again at this budget (null: no). num_samples, seeds: per row.
         num_heldout: held-out points the samples are compared with. batch_size: sampling chunk.
         feature_cache, inception_weights: image metrics (see ``evaluation.scorer_for``).
-        grid: :class:`GridSearch` settings. progress: a progress bar.
+        grid: :class:`GridSearch` settings. tuners: names of schedule tuners (keys of the ``tuners:`` node) whose
+        schedules for the base sampler become rows; tuning_seed: their seed. progress: a progress bar.
     """
 
     def __init__(self, enabled: bool = True, samplers: Sequence[str] = (), large_nfe: int | None = 128,
                  num_samples: int = 2000, num_heldout: int = 5000, seeds: Sequence[int] = (0, 1, 2),
                  batch_size: int = 4096, feature_cache: str | None = None, inception_weights: str | None = None,
-                 grid: Mapping | GridSearch | None = None, progress: bool = True):
+                 grid: Mapping | GridSearch | None = None, tuners: Sequence[str] = (), tuning_seed: int = 0,
+                 progress: bool = True):
         self.enabled, self.samplers, self.large_nfe = bool(enabled), list(samplers), large_nfe
         self.num_samples, self.num_heldout, self.seeds = int(num_samples), int(num_heldout), list(seeds)
         self.batch_size, self.feature_cache, self.inception_weights = int(batch_size), feature_cache, inception_weights
         self.grid = grid if isinstance(grid, GridSearch) else GridSearch(**dict(grid or {}))
+        self.tuners, self.tuning_seed = list(tuners), int(tuning_seed)
         self.progress = bool(progress)
 
     # -- during training -----------------------------------------------------------------------------------------
@@ -177,10 +185,33 @@ class Comparison:
         base = PolicySampler(big, reference_policy(big, run.policy, run.datamodule.shape), "base", run.guide)
         return self._evaluator({"base": base}, big.planned_nfe(), score, device).run(run.denoiser, run.datamodule.shape)
 
-    def run(self, run: TrainedRun, training_free: Mapping[str, Sampler], out: Path) -> dict:
-        """Evaluate every row, write results.csv / results.md (with costs) / grid.csv / plots, print the table."""
+    def tuned_schedules(self, run: TrainedRun, tuners: Mapping[str, Tuner], out: Path) -> list[TunedRow]:
+        """The base sampler on each tuner's schedule for the run's NFE (rows named after the tuners); skipped, and
+        said, where a tuner cannot serve the base sampler or the budget, and under guidance (the tuned rows would
+        sample without it, at another conditioning than the other rows)."""
+        if not tuners:
+            return []
+        if run.mdp.guidance is not None:
+            report(f"tuned-schedule rows skipped: the MDP samples with guidance={run.mdp.guidance}, the tuners "
+                   "tune the plain base sampler")
+            return []
+        report(f"tuning the base sampler's schedule at {run.mdp.planned_nfe()} NFE with {list(tuners)} ...")
+        rows = tune_rows(tuners, {"base": run.mdp.base}, [run.mdp.planned_nfe()], run.denoiser, run.datamodule,
+                         self.tuning_seed, self._device(run), skip_impossible=True, progress=self.progress)
+        for row in rows:
+            row.name = row.tuner
+        write_tuned(rows, out)
+        return rows
+
+    def run(self, run: TrainedRun, training_free: Mapping[str, Sampler], out: Path,
+            tuners: Mapping[str, Tuner] | None = None) -> dict:
+        """Evaluate every row, write results.csv / results.md (with costs) / grid.csv / schedules / plots, print
+        the table. ``tuners``: the schedule tuners whose rows join the table (``compare.tuners``)."""
         device = self._device(run)
         samplers, grid = self.rows_to_compare(run, training_free)
+        tuned = self.tuned_schedules(run, tuners or {}, out)
+        samplers = {**{k: v for k, v in samplers.items() if k not in training_free},
+                    **{row.name: row.sampler for row in tuned}, **training_free}
         score = scorer_for(run.datamodule, self.num_heldout, self.feature_cache, self.inception_weights)
         evaluator = self._evaluator(samplers, run.mdp.planned_nfe(), score, device, reference_for(run.datamodule),
                                     keep=("base", "tuned", "grid_best"))
@@ -191,20 +222,22 @@ class Comparison:
         if grid is not None:
             costs["grid_best"] = (float(grid["nfe"]), grid.get("seconds"))
             write_grid_csv(grid["points"], grid["metric"], out / "grid.csv", run.policy.names)
+        costs.update({row.name: (float(row.result.cost_nfe), row.result.wall_seconds) for row in tuned})
         title = (f"{run.datamodule.name}: tuned vs base at {run.mdp.planned_nfe()} NFE, {self.num_samples} samples, "
                  f"seeds {self.seeds}")
         paths = write_outputs(rows, out, title=title, sampler_order=list(samplers))
         summary = summarise(rows)
         with open(paths["md"], "a") as f:
             f.write("\n## Costs (denoiser evaluations)\n\n" + cost_table(costs, summary, run.mdp.planned_nfe()) + "\n"
-                    + "\n".join(self._cost_lines(run, grid)) + "\n")
+                    + "\n".join(self._cost_lines(run, grid, tuned)) + "\n")
         self._plots(run, evaluator.samples, out)
         plot_costs(costs, summary, run.mdp.planned_nfe(), out / "plots" / "quality_vs_cost.png")
         report(f"{title}\n" + compact_table(summary, list(samplers), {k: c for k, (c, _) in costs.items()})
                + f"\nfull table: {paths['md']}; everything is in {out}")
-        return {"rows": rows, "paths": paths, "grid": grid, "summary": summary, "train_nfe": run.train_nfe}
+        return {"rows": rows, "paths": paths, "grid": grid, "summary": summary, "train_nfe": run.train_nfe,
+                "tuned_schedules": tuned}
 
-    def _cost_lines(self, run: TrainedRun, grid: dict | None) -> list[str]:
+    def _cost_lines(self, run: TrainedRun, grid: dict | None, tuned: Sequence[TunedRow] = ()) -> list[str]:
         """The details behind the cost table (what each tuning did)."""
         lines = [f"- training: {run.iterations} iterations, {run.train_nfe:.3g} denoiser evaluations "
                  f"({run.train_nfe / max(self.num_samples, 1):.3g} x the cost of one {self.num_samples}-sample evaluation)"]
@@ -212,6 +245,11 @@ class Comparison:
             lines.append(f"- grid search: {len(grid['points'])} constant settings of {run.policy.names}, "
                          f"{grid['nfe']:.3g} denoiser evaluations; best {grid['best']} ({grid['metric']} "
                          f"{grid['best_score']:.4g} on the training split)")
+        for row in tuned:
+            r = row.result
+            lines.append(f"- {row.name}: the base sampler on the schedule [{', '.join(f'{float(s):.4g}' for s in r.sigmas)}]"
+                         f" ({r.cost_nfe:.3g} denoiser evaluations, {r.wall_seconds:.1f} s; schedules/"
+                         f"{row.name}_nfe{row.nfe}.json)")
         return lines
 
     def _plots(self, run: TrainedRun, kept: Mapping, out: Path) -> None:
