@@ -291,3 +291,40 @@ def test_experiment_transition_runs(tmp_path, monkeypatch):
     assert float(result["module"].nfe_spent) == 2 * 64 * 10
     assert (tmp_path / "run" / "plots" / "schedule.png").is_file()
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+# --- warm start: the policy starts from a tuner's schedule --------------------------------------------------------
+
+def test_warm_start_trains_from_the_tuned_schedule(tmp_path, monkeypatch):
+    """warm_start=gits: the MDP's reference levels are GITS's schedule for the base sampler at the MDP's budget
+    (the same schedule GITS gives alone), the fresh policy samples exactly that schedule, and the tuning's cost
+    is counted with the training's."""
+    from diffusion_irl.denoisers.analytic import AnalyticDenoiser
+    from diffusion_irl.mdp.env import PolicySampler
+    from diffusion_irl.sampling.samplers import Euler
+    from diffusion_irl.sampling.schedules import SigmaSchedule
+    from diffusion_irl.tuning.gits import GITSTuner
+
+    monkeypatch.chdir(tmp_path)
+    small = ["tuners.gits.levels=40", "tuners.gits.num_warmup=32"]
+    result = train(tmp_path / "run", [*TRAIN_ONLY, *GMM8_SMALL, "train.iterations=1", "warm_start=gits", *small])
+    module = result["module"]
+    cfg = compose_config("train", [*TRAIN_ONLY, *GMM8_SMALL], output_dir=tmp_path / "cfg")
+    datamodule = build(cfg, "data")
+    alone = GITSTuner(levels=40, num_warmup=32).tune(Euler(), AnalyticDenoiser(datamodule.law), datamodule, 10, seed=0)
+    torch.testing.assert_close(module.mdp.ref_sigmas, alone.sigmas)
+    assert not torch.allclose(module.mdp.ref_sigmas, Euler().sigmas(10).double())  # not the default schedule
+    # the untrained policy on the warm-started MDP is Euler on the tuned schedule, sample for sample
+    from diffusion_irl.evaluation import generate
+    from diffusion_irl.mdp.policies import frozen_copy
+    fresh = module.mdp.setup_policy(frozen_copy(module.policy), (2,))  # back at the reference: the base sampler
+    x_policy, _ = generate(PolicySampler(module.mdp, fresh, "base"), AnalyticDenoiser(datamodule.law), (2,), 10, 64,
+                           0, 64)
+    x_euler, _ = generate(Euler(SigmaSchedule(sigmas=alone.sigmas.tolist())), AnalyticDenoiser(datamodule.law), (2,),
+                          10, 64, 0, 64)
+    torch.testing.assert_close(x_policy, x_euler, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_start_names_a_tuner(tmp_path):
+    with pytest.raises(ConfigError, match=r"warm_start: must be null or one of the tuners \['gits', 'grid', 'ld3'\]"):
+        train(tmp_path, [*TRAIN_ONLY, "warm_start=nope"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_irl.config import (ConfigError, build, exit_on_config_error, has, require, require_bool, require_float,
@@ -22,7 +23,9 @@ from diffusion_irl.mdp.policies import frozen_copy
 from diffusion_irl.runs import (build_logger, check_run_dir, check_shapes, config_summary,
                                 log_results, output_dir, quiet_third_party, report, warn_unread_additions)
 from diffusion_irl.system import NonFiniteError, SamplerPolicyModule
+from diffusion_irl.sampling.schedules import SigmaSchedule
 from diffusion_irl.tuning.compare import TrainedRun
+from diffusion_irl.tuning.tuners import with_schedule
 
 SUMMARY_KEYS = ("data", "denoiser", "mdp.base", "mdp.nfe", "policy", "reward.divergence", "algo", "train.iterations",
                 "seed")
@@ -99,6 +102,10 @@ def check_train_config(cfg: DictConfig) -> None:
     when it is built)."""
     check_loop_config(cfg)
     check_compare_config(cfg)
+    start = cfg.get("warm_start")
+    known = sorted(cfg.get("tuners") or {})
+    require(start is None or (isinstance(start, str) and start in known),
+            f"warm_start: must be null or one of the tuners {known}, got {start!r}")
     den_shape = OmegaConf.select(cfg, "denoiser.module.shape")
     if den_shape is not None:
         require(list(den_shape) == list(cfg.data.shape),
@@ -185,7 +192,37 @@ def build_cheap_parts(cfg: DictConfig) -> dict:
                 f"the discriminator works on shape {list(discriminator.shape)}, data={datamodule.name} has {list(datamodule.shape)}")
     names = list(OmegaConf.select(cfg, "compare.tuners") or []) if OmegaConf.select(cfg, "compare.enabled") else []
     parts["tuners"] = {name: build(cfg, f"tuners.{name}") for name in names}  # bad settings fail before training
+    if cfg.get("warm_start"):
+        parts["warm_start"] = tuner = build(cfg, f"tuners.{cfg.warm_start}")
+        try:
+            tuner.check(mdp.base, mdp.base.planned_nfe(mdp.horizon))
+        except ValueError as exc:
+            raise ConfigError(f"warm_start={cfg.warm_start}: {exc}") from None
     return parts
+
+
+def warm_start(cfg: DictConfig, parts: dict) -> None:
+    """``warm_start=<tuner>``: tune the base sampler's schedule for the MDP's horizon, then rebuild the MDP on that
+    schedule and set the policy up again, so that training starts from the tuned schedule (the reference policy,
+    the ``base`` row, is then the tuned schedule). Its cost is counted with the training's."""
+    tuner = parts.get("warm_start")
+    if tuner is None:
+        return
+    mdp, datamodule = parts["mdp"], parts["data"]
+    denoiser = parts["denoiser"]
+    frozen = [p for p in denoiser.parameters() if p.requires_grad] if isinstance(denoiser, torch.nn.Module) else []
+    for p in frozen:
+        p.requires_grad_(False)  # LD3 differentiates through D in x and sigma only
+    result = tuner.tune(mdp.base, denoiser, datamodule, mdp.base.planned_nfe(mdp.horizon), cfg.seed)
+    for p in frozen:
+        p.requires_grad_(True)
+    base = with_schedule(mdp.base, SigmaSchedule(sigmas=[float(s) for s in result.sigmas]))
+    parts["mdp"] = build(cfg, "mdp", base=base)
+    parts["mdp"].setup_policy(parts["policy"], datamodule.shape)
+    parts["warm_start_result"] = result
+    report(f"warm start ({tuner.name}): the policy starts from the schedule "
+           f"[{', '.join(f'{float(s):.4g}' for s in result.sigmas)}] ({result.cost_nfe:.3g} denoiser evaluations, "
+           f"{result.wall_seconds:.1f} s)")
 
 
 def build_denoiser(cfg: DictConfig, parts: dict) -> dict:
@@ -249,6 +286,7 @@ def run(cfg: DictConfig) -> dict:
     comparison, parts, out, logger, (ckpt_path, ckpt) = prepare(cfg)
     build_denoiser(cfg, parts)
     report(f"run directory {out}\nconfig: {config_summary(cfg, SUMMARY_KEYS)}")
+    warm_start(cfg, parts)
     initial = frozen_copy(parts["policy"])
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -263,9 +301,12 @@ def run(cfg: DictConfig) -> dict:
     train_seconds = time.perf_counter() - start  # this process's fit (a resumed run: since the resume)
     result = {"module": module, "trainer": trainer}
     if trainer.is_global_zero and comparison.enabled:
+        start = parts.get("warm_start_result")
+        train_nfe = float(module.nfe_spent) + (start.cost_nfe if start is not None else 0)
+        train_seconds += start.wall_seconds if start is not None else 0.0
         trained = TrainedRun(parts["data"], module.denoiser, parts["mdp"], module.policy,
-                             initial.to(module.device), module.discriminator, float(module.nfe_spent),
-                             cfg.train.iterations, train_seconds)
+                             initial.to(module.device), module.discriminator, train_nfe,
+                             cfg.train.iterations, train_seconds, warm_start=start)
         training_free = {name: build(cfg, f"samplers.{name}") for name in comparison.samplers}
         result.update(comparison.run(trained, training_free, out, parts["tuners"]))
         log_results(logger, result["paths"]["csv"], "compare", [out / "plots" / "samples.png",

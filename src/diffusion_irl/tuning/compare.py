@@ -98,6 +98,7 @@ class TrainedRun:
     train_nfe: float         # denoiser evaluations spent by training (all ranks)
     iterations: int
     train_seconds: float | None = None  # wall time of the training (None: not measured)
+    warm_start: object | None = None    # the TuningResult the policy started from (warm_start=<tuner>), if any
 
     @property
     def guide(self):
@@ -241,6 +242,11 @@ class Comparison:
         """The details behind the cost table (what each tuning did)."""
         lines = [f"- training: {run.iterations} iterations, {run.train_nfe:.3g} denoiser evaluations "
                  f"({run.train_nfe / max(self.num_samples, 1):.3g} x the cost of one {self.num_samples}-sample evaluation)"]
+        if run.warm_start is not None:
+            w = run.warm_start
+            lines.append(f"- warm start: the policy started from the {w.tuner} schedule "
+                         f"[{', '.join(f'{float(s):.4g}' for s in w.sigmas)}] ({w.cost_nfe:.3g} denoiser evaluations, "
+                         f"included in the training's; the `base` row is that schedule)")
         if grid is not None:
             lines.append(f"- grid search: {len(grid['points'])} constant settings of {run.policy.names}, "
                          f"{grid['nfe']:.3g} denoiser evaluations; best {grid['best']} ({grid['metric']} "
