@@ -85,7 +85,7 @@ def test_trainable_denoisers(name, data, tmp_path):
     assert D(torch.randn(2, *shape), torch.tensor([0.5, 2.0])).shape == (2, *shape)
 
 
-@pytest.mark.parametrize("name", cover("denoiser/checkpoint.yaml", "denoiser/diffusers.yaml"))
+@pytest.mark.parametrize("name", cover("denoiser/checkpoint.yaml", "denoiser/diffusers.yaml", "denoiser/edm.yaml"))
 def test_loaded_denoisers_need_an_existing_path(name, tmp_path):
     stem = Path(name).stem
     missing = tmp_path / "nothing_here"
@@ -268,12 +268,18 @@ def test_rl_trainer_configs(name, tmp_path):
         assert trainer.num_devices == 2 and trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
 
 
+# the edm_* presets are shared with the evaluator, which has no discriminator group: the RL loop takes
+# discriminator=cnn on the command line (README, "Reproducing the published tables"; more in tests/test_edm.py)
+EXPERIMENT_SETUP = {n: ["discriminator=cnn"] for n in group("experiment") if n.startswith("edm_")}
+
+
 @pytest.mark.parametrize("name", cover(*[f"experiment/{n}.yaml" for n in group("experiment")]))
 def test_experiment_configs(name, tmp_path):
     from diffusion_irl.train import check_train_config
 
     stem = Path(name).stem
-    cfg = compose_config("train", ["logger=none", f"experiment={stem}"], output_dir=tmp_path)
+    cfg = compose_config("train", ["logger=none", *EXPERIMENT_SETUP.get(stem, []), f"experiment={stem}"],
+                         output_dir=tmp_path)
     check_train_config(cfg)
     mdp, policy = build(cfg, "mdp"), build(cfg, "policy")
     mdp.setup_policy(policy, tuple(cfg.data.shape))
@@ -324,6 +330,41 @@ def test_slurm_ddp_launcher_composes(name):
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
 # ---- end: SLURM multi-node DDP launcher ---------------------------------------------------------------------------
+
+
+# ---- begin: the CPU-only SLURM layout (trainer/rl_ddp_cpu.yaml, hydra/launcher/slurm_ddp_cpu.yaml; run on a real
+# one-node cluster in tests/test_slurm_cluster.py)
+@pytest.mark.parametrize("name", cover("trainer/rl_ddp_cpu.yaml"))
+def test_rl_ddp_cpu_trainer_config(name, tmp_path):
+    cfg = compose_config("train", [*RL_QUIET, "trainer=rl_ddp_cpu"], output_dir=tmp_path)
+    trainer = build(cfg, "trainer", callbacks=[build(cfg, "checkpoint")], logger=False, max_epochs=3)
+    assert trainer.num_devices == 2 and type(trainer.accelerator).__name__ == "CPUAccelerator"
+    assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True   # as trainer=rl_ddp
+    assert trainer.strategy._get_process_group_backend() == "gloo"
+
+
+@pytest.mark.parametrize("name", cover("hydra/launcher/slurm_ddp_cpu.yaml"))
+def test_slurm_ddp_cpu_launcher_composes(name):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the `slurm` extra")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    def launcher(*overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides), return_hydra_config=True).hydra.launcher
+
+    cpu = launcher("hydra/launcher=slurm_ddp_cpu", "trainer=rl_ddp_cpu")
+    assert (cpu.nodes, cpu.tasks_per_node, cpu.gpus_per_node, cpu.cpus_per_task, cpu.mem_gb) == (1, 2, 0, 1, 4)
+    params = instantiate(cpu).params            # what submitit submits with
+    assert (params["tasks_per_node"], params["gpus_per_node"], params["mem_gb"]) == (2, 0, 4)
+    assert launcher("hydra/launcher=slurm_ddp_cpu", "trainer=rl_ddp_cpu", "trainer.devices=3",
+                    "hydra.launcher.mem_gb=2").mem_gb == 2
+    # the GPU launchers ask for no memory unless told: a small cluster does not refuse the job
+    assert launcher("hydra/launcher=slurm").mem_gb is None
+    assert launcher("hydra/launcher=slurm_ddp", "trainer=rl_ddp", "trainer.devices=2").mem_gb is None
+# ---- end: the CPU-only SLURM layout ---------------------------------------------------------------------------------
 
 
 # --- the nodes that mirror the object graph --------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_irl.config import (ConfigError, build, exit_on_config_error, require, require_bool, require_int,
-                                  require_int_list, require_str)
+from diffusion_irl.config import (ConfigError, build, exit_on_config_error, require, require_bool, require_choice,
+                                  require_int, require_int_list, require_str)
 from diffusion_irl.denoisers.module import check_network_shape
-from diffusion_irl.evaluation import Evaluator, reference_for, scorer_for, summarise, write_outputs
+from diffusion_irl.evaluation import Evaluator, reference_for, resolve_processes, scorer_for, summarise, write_outputs
 from diffusion_irl.runs import (build_logger, check_run_dir, check_shapes, compact_table,
                                 log_results, output_dir, quiet_third_party, report, warn_unread_additions)
 
@@ -42,11 +42,46 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     for key in ("reference", "progress"):
         require_bool(cfg, f"evaluate.{key}")
     require_str(cfg, "evaluate.feature_cache", optional=True)
-    require_str(cfg, "evaluate.inception_weights", optional=True)
+    check_fid_config(cfg, "evaluate")
+    processes = OmegaConf.select(cfg, "evaluate.processes")
+    try:
+        resolve_processes(processes, cfg.device)
+    except ValueError:
+        raise ConfigError(f"evaluate.processes: must be a positive integer or auto, got {processes!r}") from None
     try:
         check_network_shape(OmegaConf.select(cfg, "denoiser.net"), cfg.data.shape)
     except ValueError as exc:
         raise ConfigError(f"denoiser: {exc}") from None
+
+
+def check_fid_config(cfg: DictConfig, node: str = "evaluate") -> None:
+    """The FID keys of ``<node>``: the Inception weights file must exist, the reference statistics must be an
+    ``.npz`` with ``mu`` [2048] and ``sigma`` [2048, 2048] (and need the weights), ``fid_only`` needs both, and
+    FID needs image data (``data.shape`` of rank 3). Reads the ``.npz`` (no network is built)."""
+    from diffusion_irl.metrics.fid import INCEPTION_FEATURES, FrechetStats, check_inception_weights
+
+    weights = require_str(cfg, f"{node}.inception_weights", optional=True)
+    reference = require_str(cfg, f"{node}.fid_reference", optional=True)
+    require_choice(cfg, f"{node}.fid_split", ["heldout", "train"])
+    fid_only = require_bool(cfg, f"{node}.fid_only")
+    require_int(cfg, f"{node}.feature_batch_size", min=1, max=HUGE)
+    if weights is not None:
+        try:
+            check_inception_weights(weights)
+        except ValueError as exc:
+            raise ConfigError(f"{node}.inception_weights: {exc}") from None
+    if reference is not None or fid_only:
+        require(reference is not None, f"{node}.fid_only=true needs {node}.fid_reference (stored statistics: no "
+                                       "images are read)")
+        require(weights is not None, f"{node}.fid_reference needs {node}.inception_weights (the features the "
+                                     "statistics were computed in)")
+        shape = OmegaConf.select(cfg, "data.shape")
+        require(shape is None or len(shape) == 3, f"{node}.fid_reference: FID needs image data, but data.shape is "
+                                                  f"{list(shape) if shape is not None else None}")
+        try:
+            FrechetStats.load(reference, INCEPTION_FEATURES)
+        except ValueError as exc:
+            raise ConfigError(f"{node}.fid_reference: {exc}") from None
 
 
 def check_budgets(samplers: dict, budgets: list[int]) -> None:
@@ -83,11 +118,30 @@ def run(cfg: DictConfig):
     torch.manual_seed(cfg.seed)
 
     ev = cfg.evaluate
+    fid_net = None
+    if ev.inception_weights is not None and len(datamodule.shape) == 3:
+        from diffusion_irl.metrics.fid import InceptionFeatures
+
+        try:
+            fid_net = InceptionFeatures(ev.inception_weights)
+        except ValueError as exc:
+            raise ConfigError(f"evaluate.inception_weights: {exc}") from None
+    reference = ev.reference
+    if reference and ev.fid_only and datamodule.law is None:
+        report("evaluate.fid_only=true: no `reference` row (it is a sample of the training split, and no images "
+               "are read)")
+        reference = False
+    processes = resolve_processes(ev.processes, device)
+    if processes > 1:
+        report(f"sampling and feature extraction sharded over {processes} processes")
     evaluator = Evaluator(
         samplers=samplers, nfe=list(ev.nfe), num_samples=ev.num_samples, seeds=list(ev.seeds),
-        score=scorer_for(datamodule, ev.num_heldout, ev.feature_cache, ev.inception_weights),
-        reference=reference_for(datamodule) if ev.reference else None,
-        batch_size=ev.batch_size, device=str(device), progress=ev.progress,
+        score=scorer_for(datamodule, ev.num_heldout, ev.feature_cache, ev.inception_weights,
+                         fid_reference=ev.fid_reference, fid_split=ev.fid_split, fid_only=ev.fid_only,
+                         feature_network=fid_net, device=device, feature_batch_size=ev.feature_batch_size,
+                         progress=ev.progress),
+        reference=reference_for(datamodule) if reference else None,
+        batch_size=ev.batch_size, device=str(device), progress=ev.progress, processes=processes,
     )
     rows = evaluator.run(denoiser, datamodule.shape)
     title = f"{datamodule.name}, denoiser={cfg.denoiser.get('_target_', '?').rsplit('.', 1)[-1]}, {ev.num_samples} samples, seeds {list(ev.seeds)}"

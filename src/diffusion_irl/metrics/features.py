@@ -7,7 +7,8 @@ Images are float tensors ``[N, C, H, W]`` in ``[-1, 1]``.
 - :func:`train_feature_classifier`: trains it on training data, measures its accuracy on held-out data, caches it.
 - :func:`image_metrics`: Frechet distance (torchmetrics ``FrechetInceptionDistance`` with the classifier as its
   feature extractor) and k-NN precision / recall / density / coverage in the same features.
-- :func:`inception_fid`: the usual Inception FID, only when the Inception weights file is present locally.
+- :func:`inception_fid`: the usual Inception FID (:mod:`diffusion_irl.metrics.fid`), only when the Inception weights
+  file is present locally.
 """
 from __future__ import annotations
 
@@ -274,26 +275,23 @@ def inception_fid(
     batch_size: int = 64,
     device: str | torch.device | None = None,
 ) -> float | None:
-    """Inception FID (torchmetrics, torch-fidelity's ``FeatureExtractorInceptionV3``, 2048-d pool features).
+    """Inception FID of ``samples`` against ``heldout`` with the field's protocol (:mod:`diffusion_irl.metrics.fid`:
+    torch-fidelity's Inception-v3 pool features of 8-bit images, torch-fidelity's Fréchet distance).
 
     Runs only when the Inception weights file (torch-fidelity's ``pt_inception-2015-12-05-6726825d.pth``) exists at
-    ``weights_path``: it is passed as ``feature_extractor_weights_path``, so nothing is ever downloaded. Returns
-    None (and logs one line) otherwise. Images in [-1, 1] are mapped to [0, 1]; 1-channel images are repeated to 3;
-    images with a non-finite pixel are dropped. Returns NaN with fewer than 2 finite samples.
+    ``weights_path``, so nothing is ever downloaded; returns None (and logs one line) otherwise. 1-channel images
+    are repeated to 3; images with a non-finite pixel are dropped. Returns NaN with fewer than 2 finite samples.
+    The evaluator computes the held-out side once (``evaluation.scorer_for``); this function recomputes it.
     """
+    from diffusion_irl.metrics.fid import FrechetStats, InceptionFeatures, extract_features, frechet_distance
+
     if weights_path is None or not Path(weights_path).is_file():
         log.info("inception_fid skipped: no Inception weights file at %s", weights_path)
         return None
     x, _ = _finite_images(samples.detach())
     if len(x) < 2:
         return float("nan")
-    device = torch.device(device) if device is not None else samples.device
-    fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights_path))
-    fid = fid.to(device)
-    for images, real in ((heldout.detach().clamp(-1, 1), True), (x, False)):
-        for i in range(0, len(images), batch_size):
-            batch = (images[i : i + batch_size].to(device, torch.float32) + 1) / 2
-            if batch.shape[1] == 1:
-                batch = batch.repeat(1, 3, 1, 1)
-            fid.update(batch, real=real)
-    return float(fid.compute())
+    net = InceptionFeatures(weights_path).to(torch.device(device) if device is not None else samples.device)
+    real = extract_features(net, heldout.detach().clamp(-1, 1), batch_size=batch_size)
+    fake = extract_features(net, x, batch_size=batch_size)
+    return frechet_distance(FrechetStats.from_features(fake), FrechetStats.from_features(real))
