@@ -285,3 +285,39 @@ def test_tune_command_line_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: tuner=grid, nfe=4: sampler restart cannot")
     assert "Traceback" not in proc.stderr and not (tmp_path / "schedule.json").exists()
+
+
+# ---- LD3's distance: L2 for vectors, the feature classifier's features for images ---------------------------------
+
+def test_ld3_distance_is_l2_for_vectors_and_refuses_features_there(datamodule):
+    D = AnalyticDenoiser(datamodule.law)
+    result = LD3Tuner(num_pairs=8, teacher_steps=10, iterations=2).tune(Euler(), D, datamodule, 6)
+    assert result.details["distance"] == "l2"
+    with pytest.raises(ValueError, match="distance=features needs image data"):
+        LD3Tuner(num_pairs=8, teacher_steps=10, iterations=2, distance="features").tune(Euler(), D, datamodule, 6)
+    with pytest.raises(ValueError, match="tuner.distance must be auto, l2 or features"):
+        LD3Tuner(distance="lpips")
+
+
+@pytest.mark.slow
+def test_ld3_uses_the_feature_classifier_for_images(tmp_path):
+    """On digits (8x8 images with labels) ``distance=auto`` matches the teacher in the features of the data set's
+    classifier (the evaluator's, trained on the training split and cached): the first loss is that feature distance
+    computed by hand on the starting schedule, and the loss decreases."""
+    from diffusion_irl.data.images import DigitsDataModule
+    from diffusion_irl.evaluation import feature_classifier_for
+    from diffusion_irl.tuning.ld3 import ld3_loss
+
+    digits = DigitsDataModule()
+    digits.setup()
+    shrink = lambda x, sigma: x * 0.25 / (0.25 + sigma.reshape(-1, 1, 1, 1) ** 2)  # noqa: E731 (Gaussian data's D)
+    tuner = LD3Tuner(num_pairs=16, teacher_steps=10, iterations=15, lr=0.1, slack=0.0, feature_cache=str(tmp_path))
+    result = tuner.tune(Euler(), shrink, digits, 5)
+    assert result.details["distance"] == "features"
+    assert list(tmp_path.glob("feature_classifier_digits_*.pt"))  # cached beside the evaluator's
+    net = feature_classifier_for(digits, str(tmp_path)).requires_grad_(False)
+    x_T, target = tuner.teacher(shrink, tuple(digits.shape), 0, "cpu")
+    start = LogSigmaLevels(5, tuner.sigma_min, tuner.sigma_max, tuner.init_rho)()
+    by_hand = ld3_loss("euler", shrink, start, x_T, None, torch.zeros(len(x_T)), net.features(target), net.features)
+    assert result.details["initial_loss"] == pytest.approx(float(by_hand.detach()), rel=1e-5)
+    assert result.details["best_loss"] < result.details["initial_loss"]

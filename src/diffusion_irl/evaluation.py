@@ -670,6 +670,27 @@ class ImageScorer:
         return self.from_features(self.featurizer(x), seed)
 
 
+def feature_classifier_for(datamodule, feature_cache: str | Path | None = None, epochs: int = 5,
+                           num_val: int | None = None):
+    """The image data set's feature classifier (``metrics.features.FeatureClassifier``): trained on the training
+    split only, cached under ``feature_cache`` by data set and shape, its accuracy measured (and printed, also when
+    loaded from the cache) on up to ``num_val`` held-out images. The evaluator's image metrics and LD3's feature
+    distance use the same network."""
+    from diffusion_irl.metrics.features import train_feature_classifier
+
+    if datamodule.num_classes <= 0:
+        raise ValueError(f"image metrics need a labelled data set to train the feature classifier; data={datamodule.name} has no labels")
+    datamodule.setup()
+    cache = None
+    if feature_cache is not None:
+        cache = Path(feature_cache) / f"feature_classifier_{datamodule.name}_{'x'.join(map(str, datamodule.shape))}.pt"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    n_val = len(datamodule.heldout()) if num_val is None else min(int(num_val), len(datamodule.heldout()))
+    return train_feature_classifier(datamodule.train_samples(), datamodule.train_labels(), datamodule.heldout(n_val),
+                                    datamodule.heldout_labels(n_val), datamodule.num_classes, epochs=epochs,
+                                    cache_path=cache)
+
+
 def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | Path | None = None,
                inception_weights: str | None = None, classifier_epochs: int = 5, split: str = "heldout", *,
                fid_reference: str | Path | None = None, fid_split: str = "heldout", fid_only: bool = False,
@@ -733,19 +754,7 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
     if not image_data:
         return SampleScorer(heldout, datamodule.law)
 
-    from diffusion_irl.metrics.features import train_feature_classifier
-
-    if datamodule.num_classes <= 0:
-        raise ValueError(f"image metrics need a labelled data set to train the feature classifier; data={datamodule.name} has no labels")
-    cache = None
-    if feature_cache is not None:
-        cache = Path(feature_cache) / f"feature_classifier_{datamodule.name}_{'x'.join(map(str, datamodule.shape))}.pt"
-        cache.parent.mkdir(parents=True, exist_ok=True)
-    n_val = min(n, len(datamodule.heldout()))
-    net = train_feature_classifier(datamodule.train_samples(), datamodule.train_labels(), datamodule.heldout(n_val),
-                                   datamodule.heldout_labels(n_val), datamodule.num_classes, epochs=classifier_epochs,
-                                   cache_path=cache)
-    # train_feature_classifier prints the held-out accuracy (also when loaded from the cache)
+    net = feature_classifier_for(datamodule, feature_cache, classifier_epochs, num_val=n)
     classifier = _ClassifierFeatures(net.eval())
     if device is not None:
         classifier.to(device)

@@ -17,9 +17,11 @@ The variant implemented here:
   section 9, because the sampler's own loop runs under ``torch.no_grad``).
 - **Slack**: the student starts from ``x_T' = x_T + r ||x_T|| u_b`` with ``u_b`` a per-pair free vector projected
   onto the unit ball (``u <- u / max(1, ||u||)``), optimised jointly with the logits.
-- **Loss**: ``L(xi, u) = mean_b || Psi_xi(x_T'_b) - x_0^teacher_b ||_2^2 / dim`` (the plain L2 distance; for images
-  too, not the feature distance of LD3's LPIPS: noted as not done). Adam on ``(xi, u)`` for ``iterations`` full-batch
-  steps; the schedule of the smallest loss seen is returned. Cost per iteration: ``num_pairs x NFE`` forward
+- **Loss**: ``L(xi, u) = mean_b || phi(Psi_xi(x_T'_b)) - phi(x_0^teacher_b) ||_2^2 / dim phi``. ``distance``
+  chooses ``phi``: ``l2`` (the identity), ``features`` (the data set's feature classifier, the network the
+  evaluator's image metrics use, trained on the training split and cached: a learned feature distance in the
+  place of LD3's LPIPS), or ``auto`` (l2 for vectors, features for labelled images). Adam on ``(xi, u)`` for
+  ``iterations`` full-batch steps; the schedule of the smallest loss seen is returned. Cost per iteration: ``num_pairs x NFE`` forward
   evaluations (the backward passes are not counted).
 """
 from __future__ import annotations
@@ -106,10 +108,14 @@ def project_ball(u: Tensor) -> Tensor:
     return u / append_dims(norm, u.ndim)
 
 
-def ld3_loss(name: str, D, sigmas: Tensor, x_T: Tensor, u: Tensor | None, radius: Tensor, target: Tensor) -> Tensor:
-    """``mean_b || Psi(x_T + r_b proj(u_b)) - x_0^teacher_b ||^2 / dim`` (``u`` None: no slack)."""
+def ld3_loss(name: str, D, sigmas: Tensor, x_T: Tensor, u: Tensor | None, radius: Tensor, target: Tensor,
+             features=None) -> Tensor:
+    """``mean_b || phi(Psi(x_T + r_b proj(u_b))) - phi(x_0^teacher_b) ||^2 / dim phi`` (``u`` None: no slack;
+    ``features`` None: ``phi`` is the identity, else ``target`` holds the teacher's features)."""
     start = x_T if u is None else x_T + append_dims(radius, x_T.ndim) * project_ball(u)
     out = solve(name, D, start, sigmas)
+    if features is not None:
+        out = features(out)
     return (out - target).flatten(1).pow(2).sum(1).mean() / target[0].numel()
 
 
@@ -126,7 +132,7 @@ class LD3Tuner(Tuner):
 
     def __init__(self, num_pairs: int = 100, teacher_steps: int = 100, sigma_min: float = 0.002,
                  sigma_max: float = 80.0, iterations: int = 300, lr: float = 0.05, slack: float = 0.05,
-                 init_rho: float = 7.0):
+                 init_rho: float = 7.0, distance: str = "auto", feature_cache: str | None = None):
         self.num_pairs = positive_int(num_pairs, "tuner.num_pairs")
         self.teacher_steps = positive_int(teacher_steps, "tuner.teacher_steps", 2)
         self.sigma_min, self.sigma_max = sigma_range(sigma_min, sigma_max, "tuner")
@@ -138,11 +144,26 @@ class LD3Tuner(Tuner):
         if not init_rho > 0:
             raise ValueError(f"tuner.init_rho must be > 0, got {init_rho}")
         self.lr, self.slack, self.init_rho = float(lr), float(slack), float(init_rho)
+        if distance not in ("auto", "l2", "features"):
+            raise ValueError(f"tuner.distance must be auto, l2 or features, got {distance!r}")
+        self.distance, self.feature_cache = distance, feature_cache
 
     def settings(self) -> dict:
         return {"num_pairs": self.num_pairs, "teacher": f"heun, {self.teacher_steps} steps, karras rho 7",
                 "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "iterations": self.iterations,
-                "lr": self.lr, "slack": self.slack, "init_rho": self.init_rho, "distance": "l2"}
+                "lr": self.lr, "slack": self.slack, "init_rho": self.init_rho, "distance": self.distance}
+
+    def feature_network(self, datamodule):
+        """``phi`` of the loss: None (L2) or the data set's feature classifier (frozen; its ``features`` are
+        differentiable in x)."""
+        images = len(datamodule.shape) > 1
+        if self.distance == "l2" or (self.distance == "auto" and not (images and datamodule.num_classes > 0)):
+            return None
+        if not images:
+            raise ValueError("tuner.distance=features needs image data (vectors use l2)")
+        from diffusion_irl.evaluation import feature_classifier_for
+
+        return feature_classifier_for(datamodule, self.feature_cache).eval().requires_grad_(False)
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
@@ -159,6 +180,11 @@ class LD3Tuner(Tuner):
 
     def _tune(self, sampler, D, datamodule, steps, seed, device):
         x_T, target = self.teacher(D, tuple(datamodule.shape), seed, device)
+        net = self.feature_network(datamodule)
+        features = net.to(device).features if net is not None else None
+        if features is not None:
+            with torch.no_grad():
+                target = features(target)
         levels = LogSigmaLevels(steps, self.sigma_min, self.sigma_max, self.init_rho).to(device)
         u = torch.zeros_like(x_T, requires_grad=True) if self.slack > 0 else None
         radius = self.slack * x_T.flatten(1).norm(dim=1)
@@ -166,7 +192,7 @@ class LD3Tuner(Tuner):
         losses, best = [], (float("inf"), None)
         for _ in range(self.iterations):
             sigmas = levels()
-            loss = ld3_loss(sampler.name, D, sigmas, x_T, u, radius, target)
+            loss = ld3_loss(sampler.name, D, sigmas, x_T, u, radius, target, features)
             losses.append(float(loss.detach()))
             if losses[-1] < best[0]:
                 best = (losses[-1], sigmas.detach().cpu())
@@ -176,4 +202,4 @@ class LD3Tuner(Tuner):
         if best[1] is None:
             raise RuntimeError(f"ld3: the loss was never finite (first {losses[:3]})")
         return best[1], {"initial_loss": losses[0], "best_loss": best[0], "final_loss": losses[-1],
-                         "losses": losses}
+                         "losses": losses, "distance": "l2" if features is None else "features"}
