@@ -22,7 +22,8 @@ TINY = ["data.n_train=2000", "data.n_heldout=1000", "baselines.num_samples=300",
         "baselines.seeds=[0,1]", "baselines.progress=false", "baselines.large_nfe=32",
         "tuners.grid.sigma_max=[5,80]", "tuners.grid.rho=[2,7]", "tuners.grid.sigma_min=[0.002,0.1]",
         "tuners.grid.num_samples=200", "tuners.grid.num_train=500", "tuners.gits.levels=40",
-        "tuners.gits.num_warmup=64", "tuners.ld3.num_pairs=32", "tuners.ld3.teacher_steps=30",
+        "tuners.gits.num_warmup=64", "tuners.gits.coeff=[1.0,1.1]", "tuners.gits.select_samples=100",
+        "tuners.gits.num_train=500", "tuners.ld3.num_pairs=32", "tuners.ld3.teacher_steps=30",
         "tuners.ld3.iterations=30"]
 
 

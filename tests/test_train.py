@@ -27,6 +27,7 @@ QUIET = ["logger=none", "trainer.enable_progress_bar=false", "compare.progress=f
 # the schedule tuners of the comparison, small: an 8-point grid, GITS on 40 levels, 10 LD3 steps
 TINY_TUNERS = ["tuners.grid.num_samples=100", "tuners.grid.sigma_max=[5,80]", "tuners.grid.rho=[3,7]",
                "tuners.grid.sigma_min=[0.002,0.1]", "tuners.gits.levels=40", "tuners.gits.num_warmup=32",
+               "tuners.gits.coeff=[1.0,1.1]", "tuners.gits.select_samples=50", "tuners.gits.num_train=200",
                "tuners.ld3.num_pairs=16", "tuners.ld3.teacher_steps=20", "tuners.ld3.iterations=10"]
 SMALL = [*QUIET, "denoiser=analytic", "system.rollout_batch=64", "system.eval_every=0", "compare.num_samples=200",
          "compare.seeds=[0]", "compare.samplers=[euler]", "compare.large_nfe=16", "compare.grid.num_samples=200",
@@ -97,7 +98,7 @@ def test_run_writes_the_comparison(short_run):
     # the base sampler on each tuner's schedule: its cost beside its distance, its schedule as data
     costs = md.split("## Costs (denoiser evaluations)")[1]
     assert "| grid | 8e+03 |" in costs   # 8 grid points x 100 samples x 10 NFE
-    assert "| gits | 2.53e+03 |" in costs  # 32 teacher trajectories x (2 x 40 - 1) evaluations
+    assert "| gits | 3.53e+03 |" in costs  # 32 teacher trajectories x (2 x 40 - 1) + 2 paths x 50 samples x 10
     assert "| tuned | 1.92e+04 |" in costs and " s | mmd " in costs  # the training's wall time is measured
     tuned_rows = {row.name: row for row in result["tuned_schedules"]}
     assert sorted(tuned_rows) == ["gits", "grid", "ld3"]
@@ -306,12 +307,12 @@ def test_warm_start_trains_from_the_tuned_schedule(tmp_path, monkeypatch):
     from diffusion_irl.tuning.gits import GITSTuner
 
     monkeypatch.chdir(tmp_path)
-    small = ["tuners.gits.levels=40", "tuners.gits.num_warmup=32"]
+    small = ["tuners.gits.levels=40", "tuners.gits.num_warmup=32", "tuners.gits.coeff=1.0"]
     result = train(tmp_path / "run", [*TRAIN_ONLY, *GMM8_SMALL, "train.iterations=1", "warm_start=gits", *small])
     module = result["module"]
     cfg = compose_config("train", [*TRAIN_ONLY, *GMM8_SMALL], output_dir=tmp_path / "cfg")
     datamodule = build(cfg, "data")
-    alone = GITSTuner(levels=40, num_warmup=32).tune(Euler(), AnalyticDenoiser(datamodule.law), datamodule, 10, seed=0)
+    alone = GITSTuner(levels=40, num_warmup=32, coeff=1.0).tune(Euler(), AnalyticDenoiser(datamodule.law), datamodule, 10, seed=0)
     torch.testing.assert_close(module.mdp.ref_sigmas, alone.sigmas)
     assert not torch.allclose(module.mdp.ref_sigmas, Euler().sigmas(10).double())  # not the default schedule
     # the untrained policy on the warm-started MDP is Euler on the tuned schedule, sample for sample

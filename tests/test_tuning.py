@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # small settings: a few seconds per tuner on one core
 FAST = {
     "grid": dict(sigma_max=[2, 5, 80], rho=[1, 3, 7], sigma_min=[0.002, 0.05, 0.3], num_samples=400, num_train=1000),
-    "gits": dict(levels=60, num_warmup=128),
+    "gits": dict(levels=60, num_warmup=128, coeff=1.0),
     "ld3": dict(num_pairs=64, teacher_steps=50, iterations=150),
 }
 TUNERS = {"grid": GridTuner, "gits": GITSTuner, "ld3": LD3Tuner}
@@ -127,15 +127,17 @@ def test_grid_score_is_the_evaluators_mmd_on_the_training_split(datamodule):
     assert score(x, 3) == float("inf")
 
 
+@pytest.mark.parametrize("coeff", [1.0, 1.2, 0.8])
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 6])
-def test_gits_dynamic_programming_is_optimal(steps):
-    """Against brute force over every path 0 = i_0 < i_1 < ... < i_N = L - 1 on a random upper-triangular matrix."""
+def test_gits_dynamic_programming_is_optimal(steps, coeff):
+    """Against brute force over every path 0 = i_0 < i_1 < ... < i_N = L - 1 on a random upper-triangular matrix,
+    with step m's cost weighted by coeff^m."""
     L = 7
     g = torch.Generator().manual_seed(steps)
     C = torch.rand(L, L, generator=g, dtype=torch.float64)
     C[torch.tril(torch.ones(L, L, dtype=torch.bool))] = float("inf")
-    path = best_path(C, steps)
-    cost = lambda p: float(sum(C[a, b] for a, b in zip(p[:-1], p[1:])))  # noqa: E731
+    path = best_path(C, steps, coeff)
+    cost = lambda p: float(sum(coeff ** m * C[a, b] for m, (a, b) in enumerate(zip(p[:-1], p[1:]))))  # noqa: E731
     brute = min(([0, *mid, L - 1] for mid in itertools.combinations(range(1, L - 1), steps - 1)), key=cost)
     assert path[0] == 0 and path[-1] == L - 1 and len(path) == steps + 1
     assert all(a < b for a, b in zip(path[:-1], path[1:]))
@@ -217,7 +219,7 @@ def test_tuners_for_another_solver_and_budget(datamodule):
 TUNE_FAST = {
     "grid": ["tuner.sigma_max=[5,80]", "tuner.rho=[2,7]", "tuner.sigma_min=[0.002,0.1]", "tuner.num_samples=200",
              "tuner.num_train=500"],
-    "gits": ["tuner.levels=40", "tuner.num_warmup=64"],
+    "gits": ["tuner.levels=40", "tuner.num_warmup=64", "tuner.select_samples=200", "tuner.num_train=500"],
     "ld3": ["tuner.num_pairs=32", "tuner.teacher_steps=30", "tuner.iterations=30"],
 }
 SMALL_DATA = ["data.n_train=2000", "data.n_heldout=1000"]
@@ -321,3 +323,21 @@ def test_ld3_uses_the_feature_classifier_for_images(tmp_path):
     by_hand = ld3_loss("euler", shrink, start, x_T, None, torch.zeros(len(x_T)), net.features(target), net.features)
     assert result.details["initial_loss"] == pytest.approx(float(by_hand.detach()), rel=1e-5)
     assert result.details["best_loss"] < result.details["initial_loss"]
+
+
+def test_gits_selects_its_coefficient_on_the_training_split(datamodule):
+    """coeff=[...]: one DP path per coefficient; the path whose samples score best on the training split wins, it
+    is the single-coefficient path of that coefficient, and the selection's samples are counted in the cost."""
+    counter = BatchCounter(AnalyticDenoiser(datamodule.law))
+    coeffs = [0.9, 1.0, 1.2]
+    tuner = GITSTuner(levels=40, num_warmup=64, coeff=coeffs, select_samples=200, num_train=500)
+    result = tuner.tune(Euler(), counter, datamodule, 8, seed=0)
+    scores = result.details["coeff_scores"]
+    assert sorted(scores) == ["0.9", "1.0", "1.2"] and result.details["split"] == "train"
+    assert scores[str(result.details["selected_coeff"])] == min(scores.values())
+    alone = GITSTuner(levels=40, num_warmup=64, coeff=result.details["selected_coeff"]).tune(
+        Euler(), AnalyticDenoiser(datamodule.law), datamodule, 8, seed=0)
+    torch.testing.assert_close(result.sigmas, alone.sigmas)
+    assert result.cost_nfe == counter.evaluations == 64 * (2 * 40 - 1) + len(coeffs) * 200 * 8
+    with pytest.raises(ValueError, match="tuner.coeff must be a positive number"):
+        GITSTuner(coeff=[])

@@ -16,7 +16,10 @@ The variant implemented here:
    to it at first order in sigma-space), as in GITS; it reuses ``D_i``, so the matrix costs nothing beyond the
    teacher. ``C[i, j] = inf`` for ``j <= i``.
 4. Dynamic programming: the ``N``-step path ``0 = i_0 < i_1 < ... < i_N = M`` that minimises
-   ``sum_k C[i_{k-1}, i_k]`` (``V_k(j) = min_{i<j} V_{k-1}(i) + C[i, j]``, ``V_0 = [0, inf, ...]``). Its levels
+   ``sum_k coeff^(k-1) C[i_{k-1}, i_k]`` (``V_k(j) = min_{i<j} V_{k-1}(i) + coeff^(k-1) C[i, j]``,
+   ``V_0 = [0, inf, ...]``). ``coeff = 1`` is the plain sum; GITS's reference code also offers coefficients
+   around 1 (0.8 to 1.2) that discount or amplify the later steps' costs, since an absolute L2 error is larger
+   at high noise. Its levels
    ``s_{i_0}, ..., s_{i_N}`` are the schedule: ``N + 1`` sigmas, first ``sigma_max``, last 0 (the last non-zero
    level is chosen by the path, not fixed to ``sigma_min``). Needs ``M >= N``.
    With ``end_at_sigma_min`` (the default, as GITS does) the ``N`` steps end at the fine grid's last non-zero
@@ -26,16 +29,25 @@ The variant implemented here:
    Needs ``M - 1 >= N``. Without it, the path may jump to 0 from a high level, which is cheap in L2 to the
    teacher but replaces the last stretch of the trajectory by the posterior mean (it shrinks every mode; seen on
    gmm8 at 10 NFE, where the path ended at sigma 0.9).
+5. ``coeff`` may be a list: one DP path per coefficient, then the path whose samples (``select_samples``, the
+   same noise for each) score best on the training split (the grid's scorer: squared MMD / FD) wins. Its cost,
+   ``len(coeff) x select_samples x NFE``, is counted with the teacher's. GITS's reference code writes out paths
+   for coefficients from 0.8 to 1.2 for the user to choose from; this is that choice, made on training data.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from diffusion_irl.sampling.schedules import karras_sigmas
+from diffusion_irl import seeding
+from diffusion_irl.evaluation import generate
+from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
 from diffusion_irl.sampling.solvers import heun_step, to_d
 from diffusion_irl.tensors import append_dims
-from diffusion_irl.tuning.tuners import Tuner, initial_noise, positive_int, sigma_range
+from diffusion_irl.tuning.grid import selection_scorer
+from diffusion_irl.tuning.tuners import Tuner, initial_noise, positive_int, sigma_range, with_schedule
 
 
 @torch.no_grad()
@@ -66,17 +78,18 @@ def cost_matrix(states: list[Tensor], denoised: list[Tensor], sigmas: Tensor) ->
     return C.cpu()
 
 
-def best_path(C: Tensor, steps: int) -> list[int]:
+def best_path(C: Tensor, steps: int, coeff: float = 1.0) -> list[int]:
     """The ``steps``-step path from index 0 to the last index of the cost matrix ``C`` ([L, L], ``C[i, j]`` the cost
-    of the move ``i -> j``; ``inf`` forbids it) with the smallest total cost, by dynamic programming:
-    ``V_k(j) = min_i V_{k-1}(i) + C[i, j]``. ``ValueError`` when no such path exists."""
+    of the move ``i -> j``; ``inf`` forbids it) with the smallest total cost ``sum_m coeff^m C[i_m, i_{m+1}]`` (step
+    ``m`` counted from the start; ``coeff > 1`` weighs the late, low-noise steps more), by dynamic programming:
+    ``V_k(j) = min_i V_{k-1}(i) + coeff^(k-1) C[i, j]``. ``ValueError`` when no such path exists."""
     L = C.shape[0]
     C = C.double()
     V = torch.full((L,), float("inf"), dtype=torch.float64)
     V[0] = 0.0
     parents = []
-    for _ in range(steps):
-        total = V[:, None] + C  # [from, to]
+    for m in range(steps):
+        total = V[:, None] + float(coeff) ** m * C  # [from, to]
         V, arg = total.min(dim=0)
         parents.append(arg)
     if not torch.isfinite(V[L - 1]):
@@ -93,13 +106,17 @@ class GITSTuner(Tuner):
     Args:
         levels: M, the fine grid's non-zero levels. rho, sigma_min, sigma_max: its Karras parameters.
         num_warmup: teacher trajectories. batch_size: teacher chunk. end_at_sigma_min: the last step goes from
-        ``sigma_min`` to 0 (see the module doc).
+        ``sigma_min`` to 0 (see the module doc). coeff: the DP's weight ``coeff^m`` on step ``m``'s cost; a list:
+        one path per value, and the path whose ``select_samples`` samples score best against ``num_train``
+        points of the TRAINING split (the grid's scorer) wins (its cost is counted).
     """
 
     name = "gits"
 
     def __init__(self, levels: int = 100, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 num_warmup: int = 256, batch_size: int = 1024, end_at_sigma_min: bool = True):
+                 num_warmup: int = 256, batch_size: int = 1024, end_at_sigma_min: bool = True,
+                 coeff: float | Sequence[float] = 1.0, select_samples: int = 1000, num_train: int = 2000,
+                 feature_cache: str | None = None):
         self.levels = positive_int(levels, "tuner.levels", 2)
         self.sigma_min, self.sigma_max = sigma_range(sigma_min, sigma_max, "tuner")
         if not rho > 0:
@@ -108,11 +125,20 @@ class GITSTuner(Tuner):
         self.num_warmup = positive_int(num_warmup, "tuner.num_warmup")
         self.batch_size = positive_int(batch_size, "tuner.batch_size")
         self.end_at_sigma_min = bool(end_at_sigma_min)
+        coeffs = [float(c) for c in ([coeff] if isinstance(coeff, (int, float)) else list(coeff))]
+        if not coeffs or not all(0 < c < float("inf") for c in coeffs):
+            raise ValueError(f"tuner.coeff must be a positive number or a non-empty list of them, got {coeff}")
+        self.coeffs = coeffs
+        self.select_samples = positive_int(select_samples, "tuner.select_samples", 2)
+        self.num_train = positive_int(num_train, "tuner.num_train", 2)
+        self.feature_cache = feature_cache
 
     def settings(self) -> dict:
         return {"levels": self.levels, "rho": self.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "num_warmup": self.num_warmup, "teacher": f"heun on the {self.levels}-level grid",
-                "local_step": "euler", "end_at_sigma_min": self.end_at_sigma_min}
+                "local_step": "euler", "end_at_sigma_min": self.end_at_sigma_min, "coeff": self.coeffs,
+                **({"select_samples": self.select_samples, "num_train": self.num_train, "selection": "train split"}
+                   if len(self.coeffs) > 1 else {})}
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
@@ -133,10 +159,27 @@ class GITSTuner(Tuner):
             chunk = x_T[start:start + self.batch_size]
             states, denoised = teacher_trajectory(D, chunk, sigmas)
             C += cost_matrix(states, denoised, sigmas) * (len(chunk) / self.num_warmup)
+        candidates = [self._path(C, sigmas.cpu(), steps, coeff) for coeff in self.coeffs]
+        if len(candidates) == 1:
+            return candidates[0]
+        # several coefficients: the path whose samples score best on the TRAINING split (the grid's scorer)
+        metric, score = selection_scorer(datamodule, self.num_train, self.feature_cache)
+        noise_seed = seeding.derive_seed("tune", "gits-select", seed)
+        scores = []
+        for levels, _ in candidates:
+            x, _ = generate(with_schedule(sampler, SigmaSchedule(sigmas=levels.tolist())), D, datamodule.shape, steps,
+                            self.select_samples, noise_seed, self.batch_size, device)
+            scores.append(score(x, noise_seed))
+        best = min(range(len(candidates)), key=lambda i: scores[i])
+        levels, details = candidates[best]
+        return levels, {**details, "selected_coeff": self.coeffs[best], "metric": metric, "split": "train",
+                        "coeff_scores": dict(zip(map(str, self.coeffs), scores))}
+
+    def _path(self, C: Tensor, sigmas: Tensor, steps: int, coeff: float) -> tuple[Tensor, dict]:
         last = len(sigmas) - 1  # the fine grid's 0; last - 1 is sigma_min
-        path = best_path(C[:last, :last] if self.end_at_sigma_min else C, steps)
-        total = float(sum(C[a, b] for a, b in zip(path[:-1], path[1:])))
-        levels = sigmas.cpu()[path]
+        path = best_path(C[:last, :last] if self.end_at_sigma_min else C, steps, coeff)
+        total = float(sum(coeff ** m * C[a, b] for m, (a, b) in enumerate(zip(path[:-1], path[1:]))))
+        levels = sigmas[path]
         if self.end_at_sigma_min:
             levels[-1] = 0.0  # the path ends at sigma_min, which stands for 0
-        return levels, {"path": path, "path_cost": total}
+        return levels, {"path": path, "path_cost": total, "coeff": coeff}
