@@ -31,7 +31,8 @@ TINY_TUNERS = ["tuners.grid.num_samples=100", "tuners.grid.sigma_max=[5,80]", "t
                "tuners.ld3.num_pairs=16", "tuners.ld3.teacher_steps=20", "tuners.ld3.iterations=10"]
 SMALL = [*QUIET, "denoiser=analytic", "system.rollout_batch=64", "system.eval_every=0", "compare.num_samples=200",
          "compare.seeds=[0]", "compare.samplers=[euler]", "compare.large_nfe=16", "compare.grid.num_samples=200",
-         "compare.num_heldout=500", "data.n_train=5000", "data.n_heldout=2000", *TINY_TUNERS]
+         "compare.num_heldout=500", "data.n_train=5000", "data.n_heldout=2000", "compare.select.num_samples=200",
+         *TINY_TUNERS]
 TRAIN_ONLY = [*QUIET, "denoiser=analytic", "mdp.nfe=10", "system.rollout_batch=32", "system.disc_steps=2", "system.eval_every=0",
               "compare.enabled=false"]
 GMM8_SMALL = ["data.n_train=2000", "data.n_heldout=500"]
@@ -81,8 +82,8 @@ def test_run_writes_the_comparison(short_run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["sampler", "nfe", "seed", "metric", "value"]
     pairs = {(r["sampler"], r["nfe"]) for r in rows}
-    assert pairs == {("tuned", "10"), ("base", "10"), ("grid_best", "10"), ("grid", "10"), ("gits", "10"),
-                     ("ld3", "10"), ("euler", "10"), ("base", "16"), ("reference", "0")}
+    assert pairs == {("tuned", "10"), ("tuned_selected", "10"), ("base", "10"), ("grid_best", "10"), ("grid", "10"),
+                     ("gits", "10"), ("ld3", "10"), ("euler", "10"), ("base", "16"), ("reference", "0")}
     assert {r["seed"] for r in rows} == {"0"}
     assert {"mmd", "sliced_w2", "precision", "recall", "nll", "mode_coverage"} <= {r["metric"] for r in rows}
     mmd = {(r["sampler"], r["nfe"]): float(r["value"]) for r in rows if r["metric"] == "mmd"}
@@ -100,6 +101,12 @@ def test_run_writes_the_comparison(short_run):
     assert "| grid | 8e+03 |" in costs   # 8 grid points x 100 samples x 10 NFE
     assert "| gits | 3.53e+03 |" in costs  # 32 teacher trajectories x (2 x 40 - 1) + 2 paths x 50 samples x 10
     assert "| tuned | 1.92e+04 |" in costs and " s | mmd " in costs  # the training's wall time is measured
+    # tuned_selected: the best of the initial policy, iter00024.ckpt and the final policy on the TRAINING split
+    selection = result["selection"]
+    assert [name for name, _ in selection["scores"]] == ["iteration 0", "iter00024", "final (iteration 30)"]
+    assert selection["best_score"] == min(v for _, v in selection["scores"])
+    assert selection["nfe"] == 3 * 200 * 10  # 3 candidates x compare.select.num_samples x 10 NFE
+    assert f"- tuned_selected: {selection['best']}, the best of 3 policies by mmd on the training split" in md
     tuned_rows = {row.name: row for row in result["tuned_schedules"]}
     assert sorted(tuned_rows) == ["gits", "grid", "ld3"]
     for name, row in tuned_rows.items():

@@ -12,6 +12,7 @@ side.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -86,6 +87,49 @@ class GridSearch:
 
 
 @dataclass
+class CheckpointSelection:
+    """``tuned_selected``: the policy among the run's periodic checkpoints (and the initial and the final policy)
+    whose samples score best on the TRAINING split, ``num_samples`` per candidate and seed (never the held-out
+    split). The loop's policy can drift past its best point (e.g. into mode-seeking); this picks the iterate a
+    researcher would keep without looking at held-out data. Cost: candidates x num_samples x NFE x seeds."""
+
+    enabled: bool = True
+    num_samples: int = 1000
+    seeds: Sequence[int] = (2000,)
+
+    def candidates(self, run: "TrainedRun", checkpoints: Path) -> list[tuple[str, object]]:
+        """``(name, policy)``: the initial policy, each ``iter*.ckpt`` in ``checkpoints`` (by file name), the final."""
+        out = [("iteration 0", run.initial)]
+        for path in sorted(Path(checkpoints).glob("iter*.ckpt")):
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            policy = copy.deepcopy(run.policy)
+            policy.load_state_dict({k[len("policy."):]: v for k, v in state["state_dict"].items()
+                                    if k.startswith("policy.")})
+            out.append((path.stem, policy))
+        out.append((f"final (iteration {run.iterations})", run.policy))
+        return out
+
+    def run(self, run: "TrainedRun", checkpoints: Path, batch_size: int, feature_cache, device) -> dict:
+        from diffusion_irl.tuning.grid import selection_scorer
+
+        metric, score = selection_scorer(run.datamodule, max(self.num_samples, 1000), feature_cache)
+        results, cost, start = [], 0, time.perf_counter()
+        for name, policy in self.candidates(run, checkpoints):
+            sampler = PolicySampler(run.mdp, policy, "selection", run.guide)
+            scores = []
+            for seed in self.seeds:
+                x, used = generate(sampler, run.denoiser, run.datamodule.shape, run.mdp.horizon, self.num_samples,
+                                   seed, batch_size, device)
+                cost += used * self.num_samples
+                scores.append(score(x, seed))
+            results.append((name, policy, sum(scores) / len(scores)))
+        finite = [r for r in results if math.isfinite(r[2])]
+        best = min(finite, key=lambda r: r[2]) if finite else results[-1]
+        return {"best": best[0], "policy": best[1], "best_score": best[2], "metric": metric, "nfe": cost,
+                "seconds": time.perf_counter() - start, "scores": [(n, v) for n, _, v in results]}
+
+
+@dataclass
 class TrainedRun:
     """What the comparison needs from a finished training run."""
 
@@ -121,12 +165,13 @@ class Comparison:
                  num_samples: int = 2000, num_heldout: int = 5000, seeds: Sequence[int] = (0, 1, 2),
                  batch_size: int = 4096, feature_cache: str | None = None, inception_weights: str | None = None,
                  grid: Mapping | GridSearch | None = None, tuners: Sequence[str] = (), tuning_seed: int = 0,
-                 progress: bool = True):
+                 select: Mapping | CheckpointSelection | None = None, progress: bool = True):
         self.enabled, self.samplers, self.large_nfe = bool(enabled), list(samplers), large_nfe
         self.num_samples, self.num_heldout, self.seeds = int(num_samples), int(num_heldout), list(seeds)
         self.batch_size, self.feature_cache, self.inception_weights = int(batch_size), feature_cache, inception_weights
         self.grid = grid if isinstance(grid, GridSearch) else GridSearch(**dict(grid or {}))
         self.tuners, self.tuning_seed = list(tuners), int(tuning_seed)
+        self.select = select if isinstance(select, CheckpointSelection) else CheckpointSelection(**dict(select or {}))
         self.progress = bool(progress)
 
     # -- during training -----------------------------------------------------------------------------------------
@@ -211,6 +256,13 @@ class Comparison:
         device = self._device(run)
         samplers, grid = self.rows_to_compare(run, training_free)
         tuned = self.tuned_schedules(run, tuners or {}, out)
+        selection = None
+        if self.select.enabled:
+            report("selecting the policy among the checkpoints on the training split ...")
+            selection = self.select.run(run, out / "checkpoints", self.batch_size, self.feature_cache, device)
+            samplers = {"tuned": samplers.pop("tuned"),
+                        "tuned_selected": PolicySampler(run.mdp, selection["policy"], "tuned_selected", run.guide),
+                        **samplers}
         samplers = {**{k: v for k, v in samplers.items() if k not in training_free},
                     **{row.name: row.sampler for row in tuned}, **training_free}
         score = scorer_for(run.datamodule, self.num_heldout, self.feature_cache, self.inception_weights)
@@ -220,6 +272,8 @@ class Comparison:
         if self.large_nfe:
             rows += self._large_nfe_rows(run, score, device)
         costs = {"tuned": (run.train_nfe, run.train_seconds)}
+        if selection is not None:
+            costs["tuned_selected"] = (run.train_nfe + selection["nfe"], (run.train_seconds or 0.0) + selection["seconds"])
         if grid is not None:
             costs["grid_best"] = (float(grid["nfe"]), grid.get("seconds"))
             write_grid_csv(grid["points"], grid["metric"], out / "grid.csv", run.policy.names)
@@ -230,15 +284,16 @@ class Comparison:
         summary = summarise(rows)
         with open(paths["md"], "a") as f:
             f.write("\n## Costs (denoiser evaluations)\n\n" + cost_table(costs, summary, run.mdp.planned_nfe()) + "\n"
-                    + "\n".join(self._cost_lines(run, grid, tuned)) + "\n")
+                    + "\n".join(self._cost_lines(run, grid, tuned, selection)) + "\n")
         self._plots(run, evaluator.samples, out)
         plot_costs(costs, summary, run.mdp.planned_nfe(), out / "plots" / "quality_vs_cost.png")
         report(f"{title}\n" + compact_table(summary, list(samplers), {k: c for k, (c, _) in costs.items()})
                + f"\nfull table: {paths['md']}; everything is in {out}")
         return {"rows": rows, "paths": paths, "grid": grid, "summary": summary, "train_nfe": run.train_nfe,
-                "tuned_schedules": tuned}
+                "tuned_schedules": tuned, "selection": selection}
 
-    def _cost_lines(self, run: TrainedRun, grid: dict | None, tuned: Sequence[TunedRow] = ()) -> list[str]:
+    def _cost_lines(self, run: TrainedRun, grid: dict | None, tuned: Sequence[TunedRow] = (),
+                    selection: dict | None = None) -> list[str]:
         """The details behind the cost table (what each tuning did)."""
         lines = [f"- training: {run.iterations} iterations, {run.train_nfe:.3g} denoiser evaluations "
                  f"({run.train_nfe / max(self.num_samples, 1):.3g} x the cost of one {self.num_samples}-sample evaluation)"]
@@ -251,6 +306,11 @@ class Comparison:
             lines.append(f"- grid search: {len(grid['points'])} constant settings of {run.policy.names}, "
                          f"{grid['nfe']:.3g} denoiser evaluations; best {grid['best']} ({grid['metric']} "
                          f"{grid['best_score']:.4g} on the training split)")
+        if selection is not None:
+            scores = ", ".join(f"{name} {value:.4g}" for name, value in selection["scores"])
+            lines.append(f"- tuned_selected: {selection['best']}, the best of {len(selection['scores'])} policies by "
+                         f"{selection['metric']} on the training split ({scores}); {selection['nfe']:.3g} denoiser "
+                         "evaluations on top of the training's")
         for row in tuned:
             r = row.result
             lines.append(f"- {row.name}: the base sampler on the schedule [{', '.join(f'{float(s):.4g}' for s in r.sigmas)}]"
