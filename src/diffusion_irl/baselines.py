@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from diffusion_irl.config import (ConfigError, build, exit_on_config_error, require, require_bool, require_int,
                                   require_int_list, require_str)
 from diffusion_irl.evaluation import Evaluator, reference_for, scorer_for, summarise, write_outputs
-from diffusion_irl.runs import (check_run_dir, check_shapes, compact_table, output_dir, quiet_third_party, report,
-                                warn_unread_additions)
+from diffusion_irl.runs import (check_run_dir, compact_table, frozen_denoiser, output_dir, quiet_third_party,
+                                report, warn_unread_additions)
 from diffusion_irl.tuning.baselines import by_budget, costs_by_row, costs_table, impossible, tune_rows
 from diffusion_irl.tuning.compare import plot_costs
 
@@ -68,14 +68,7 @@ def run(cfg: DictConfig) -> dict:
                                               "skips them)" if len(problems) > 1 else ""))
     out = output_dir()
     check_run_dir(out, overwrite=cfg.overwrite, markers=("results.csv",))
-    datamodule.prepare_data()
-    denoiser = build(cfg, "denoiser")
-    check_shapes(denoiser, datamodule)
-    device = torch.device(cfg.device)
-    if hasattr(denoiser, "to"):
-        denoiser = denoiser.to(device).eval()
-    if isinstance(denoiser, torch.nn.Module):
-        denoiser.requires_grad_(False)  # LD3 differentiates through D in x and sigma only
+    denoiser, device = frozen_denoiser(cfg, datamodule)
     torch.manual_seed(cfg.seed)
 
     tuned = tune_rows(tuners, solvers, nfes, denoiser, datamodule, cfg.seed, device, out,

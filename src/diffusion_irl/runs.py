@@ -71,6 +71,24 @@ def output_dir() -> Path:
         return Path.cwd()
 
 
+def frozen_denoiser(cfg, datamodule):
+    """``(denoiser, device)``: the data prepared, ``cfg.denoiser`` built, checked against the data's shape, moved to
+    ``cfg.device`` in eval mode and frozen (tuners such as LD3 differentiate through D in x and sigma only)."""
+    import torch
+
+    from diffusion_irl.config import build
+
+    datamodule.prepare_data()
+    denoiser = build(cfg, "denoiser")
+    check_shapes(denoiser, datamodule)
+    device = torch.device(cfg.device)
+    if hasattr(denoiser, "to"):
+        denoiser = denoiser.to(device).eval()
+    if isinstance(denoiser, torch.nn.Module):
+        denoiser.requires_grad_(False)
+    return denoiser, device
+
+
 def check_shapes(denoiser, datamodule) -> None:
     """The denoiser must work on the data's sample shape (a config error otherwise)."""
     shape = tuple(getattr(denoiser, "shape", datamodule.shape))

@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffusion_irl.config import ConfigError, build, exit_on_config_error, require
-from diffusion_irl.runs import check_shapes, output_dir, quiet_third_party, report
+from diffusion_irl.runs import frozen_denoiser, output_dir, quiet_third_party, report
 from diffusion_irl.tuning.grid import write_grid_csv
 from diffusion_irl.tuning.tuners import TuningResult
 
@@ -92,14 +92,7 @@ def run(cfg: DictConfig) -> TuningResult:
         tuner.check(sampler, cfg.nfe)
     except ValueError as exc:
         raise ConfigError(f"tuner={tuner.name}, nfe={cfg.nfe}: {exc}") from None
-    datamodule.prepare_data()
-    denoiser = build(cfg, "denoiser")
-    check_shapes(denoiser, datamodule)
-    device = torch.device(cfg.device)
-    if hasattr(denoiser, "to"):
-        denoiser = denoiser.to(device).eval()
-    if isinstance(denoiser, torch.nn.Module):
-        denoiser.requires_grad_(False)  # LD3 differentiates through D in x and sigma only
+    denoiser, device = frozen_denoiser(cfg, datamodule)
     torch.manual_seed(cfg.seed)
     result = tuner.tune(sampler, denoiser, datamodule, cfg.nfe, cfg.seed, device)
     paths = write_results(cfg, result, datamodule.name)
