@@ -92,8 +92,9 @@ def run(cfg: DictConfig) -> dict:
     paths = write_outputs(rows, out, title=title, sampler_order=order)
     summary = summarise(rows)
     with open(paths["md"], "a") as f:
-        f.write("\n## Costs of the tuned rows\n\nTuned on the training split (grid) or on the denoiser's own ODE "
-                f"(gits, ld3), tuning seed {cfg.seed}; distances on held-out data.\n\n"
+        f.write("\n## Costs of the tuned rows\n\nSelected on the training split (the grid's points, GITS's "
+                "coefficient) or matched to the denoiser's own ODE (GITS's paths, LD3), tuning seed "
+                f"{cfg.seed}; distances on held-out data.\n\n"
                 + costs_table(tuned, summary))
     plots = []
     for nfe in nfes:
