@@ -294,7 +294,9 @@ def test_experiment_transition_runs(tmp_path, monkeypatch):
                                       "policy.hidden=32", "compare.large_nfe=20"])
     with open(tmp_path / "run" / "results.csv") as f:
         pairs = {(r["sampler"], r["nfe"]) for r in csv.DictReader(f)}
-    assert pairs == {("tuned", "10"), ("base", "10"), ("euler", "10"), ("base", "20"), ("reference", "0")}
+    # ld3 is skipped (no differentiable DDPM); the grid's and GITS's schedules for DDPM are rows
+    assert pairs == {("tuned", "10"), ("tuned_selected", "10"), ("base", "10"), ("grid", "10"), ("gits", "10"),
+                     ("euler", "10"), ("base", "20"), ("reference", "0")}
     assert not (tmp_path / "run" / "grid.csv").exists()
     assert float(result["module"].nfe_spent) == 2 * 64 * 10
     assert (tmp_path / "run" / "plots" / "schedule.png").is_file()
