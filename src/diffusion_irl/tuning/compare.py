@@ -106,6 +106,9 @@ class CheckpointSelection:
             policy.load_state_dict({k[len("policy."):]: v for k, v in state["state_dict"].items()
                                     if k.startswith("policy.")})
             out.append((path.stem, policy))
+        final = run.policy.state_dict()
+        same = lambda p: all(torch.equal(v.cpu(), final[k].cpu()) for k, v in p.state_dict().items())  # noqa: E731
+        out = out[:1] + [c for c in out[1:] if not same(c[1])]  # drop a checkpoint of the final state itself
         out.append((f"final (iteration {run.iterations})", run.policy))
         return out
 
