@@ -1,6 +1,6 @@
 """The training run's comparison (docs/method.md section 7): every row at the same NFE, conditioning and seeds.
 
-Rows: ``tuned`` (the trained policy), ``base`` (the base sampler = the initial policy), ``grid_best`` (the best
+Rows: ``tuned`` (the trained policy), ``tuned_selected`` (the best checkpoint on the training split), ``base`` (the base sampler = the initial policy), ``grid_best`` (the best
 constant knob values of a grid search, selected on the TRAINING split, never the held-out one), the base sampler on
 the schedule of each tuner named in ``compare.tuners`` (rows ``grid``, ``gits``, ``ld3``: the full Karras grid,
 GITS and LD3, tuned for the same NFE; see ``tuning/baselines.py``), every training-free sampler named in
@@ -161,7 +161,8 @@ class Comparison:
         num_heldout: held-out points the samples are compared with. batch_size: sampling chunk.
         feature_cache, inception_weights: image metrics (see ``evaluation.scorer_for``).
         grid: :class:`GridSearch` settings. tuners: names of schedule tuners (keys of the ``tuners:`` node) whose
-        schedules for the base sampler become rows; tuning_seed: their seed. progress: a progress bar.
+        schedules for the base sampler become rows; tuning_seed: their seed. select: :class:`CheckpointSelection`
+        settings (the ``tuned_selected`` row). progress: a progress bar.
     """
 
     def __init__(self, enabled: bool = True, samplers: Sequence[str] = (), large_nfe: int | None = 128,
