@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     training_free = {name: build(cfg, f"samplers.{name}") for name in b.training_free or []}
     tuners = {name: build(cfg, f"tuners.{name}") for name in b.tuners or []}
     nfes = sorted(set(b.nfe))
-    problems = impossible(tuners, solvers, nfes)
+    problems = list(impossible(tuners, solvers, nfes).values())
     if problems and not b.skip_impossible:
         raise ConfigError(f"{problems[0]}" + (f" (and {len(problems) - 1} more; baselines.skip_impossible=true "
                                               "skips them)" if len(problems) > 1 else ""))

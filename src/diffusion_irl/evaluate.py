@@ -88,7 +88,7 @@ def check_budgets(samplers: dict, budgets: list[int]) -> None:
     """At least one sampler must fit at least one budget (else only the reference row would come out), and a
     sampler on a schedule of fixed length (a tuned schedule) must fit one of the budgets."""
     for name, s in samplers.items():
-        steps = getattr(getattr(s, "schedule", None), "steps", None)
+        steps = s.fixed_steps
         if steps is not None and s.steps_for_budget(max(budgets)) is None:
             raise ConfigError(f"samplers.{name}: its schedule holds {steps} steps ({s.planned_nfe(steps)} NFE), more "
                               f"than every budget of evaluate.nfe={budgets}: tune it for one of these budgets")

@@ -304,12 +304,12 @@ def run(cfg: DictConfig) -> dict:
     train_seconds = time.perf_counter() - start  # this process's fit (a resumed run: since the resume)
     result = {"module": module, "trainer": trainer}
     if trainer.is_global_zero and comparison.enabled:
-        start = parts.get("warm_start_result")
-        train_nfe = float(module.nfe_spent) + (start.cost_nfe if start is not None else 0)
-        train_seconds += start.wall_seconds if start is not None else 0.0
+        warm = parts.get("warm_start_result")
+        train_nfe = float(module.nfe_spent) + (warm.cost_nfe if warm is not None else 0)
+        train_seconds += warm.wall_seconds if warm is not None else 0.0
         trained = TrainedRun(parts["data"], module.denoiser, parts["mdp"], module.policy,
                              initial.to(module.device), module.discriminator, train_nfe,
-                             cfg.train.iterations, train_seconds, warm_start=start)
+                             cfg.train.iterations, train_seconds, warm_start=warm)
         training_free = {name: build(cfg, f"samplers.{name}") for name in comparison.samplers}
         result.update(comparison.run(trained, training_free, out, parts["tuners"]))
         log_results(logger, result["paths"]["csv"], "compare", [out / "plots" / "samples.png",

@@ -65,15 +65,22 @@ class Sampler:
     def planned_nfe(self, steps: int) -> int:
         return self.nfe_per_step * steps + self.nfe_offset
 
+    @property
+    def fixed_steps(self) -> int | None:
+        """The step count of a schedule of fixed length (a tuned ``SigmaSchedule``); None for a schedule of any
+        length."""
+        steps = getattr(getattr(self, "schedule", None), "steps", None)
+        return None if steps is None else int(steps)
+
     def steps_for_budget(self, nfe: int, max_steps: int = 100_000) -> int | None:
         """Largest ``steps >= min_steps`` with ``planned_nfe(steps) <= nfe``; None when even the smallest does not fit.
         A schedule of fixed length (a tuned ``SigmaSchedule``) serves only its own step count: that count when it
         fits the budget, else None (so an evaluator runs it once, at the budget it was tuned for)."""
         if int(nfe) != nfe or nfe <= 0:
             raise ValueError(f"an NFE budget must be a positive integer, got {nfe}")
-        fixed = getattr(getattr(self, "schedule", None), "steps", None)
+        fixed = self.fixed_steps
         if fixed is not None:
-            return int(fixed) if self.planned_nfe(int(fixed)) <= nfe else None
+            return fixed if self.planned_nfe(fixed) <= nfe else None
         best = None
         for steps in range(self.min_steps, max_steps + 1):
             if self.planned_nfe(steps) > nfe:

@@ -42,16 +42,18 @@ def row_name(solver: str, tuner: str) -> str:
     return f"{solver}_{tuner}"
 
 
-def impossible(tuners: Mapping[str, Tuner], solvers: Mapping[str, Sampler], nfes: Sequence[int]) -> list[str]:
-    """Every (tuner, solver, budget) that cannot be tuned, with the tuner's reason (checked before any compute)."""
-    problems = []
+def impossible(tuners: Mapping[str, Tuner], solvers: Mapping[str, Sampler],
+               nfes: Sequence[int]) -> dict[tuple[int, str, str], str]:
+    """``{(nfe, solver, tuner): reason}`` for every combination that cannot be tuned (checked before any compute);
+    each reason names its combination."""
+    problems = {}
     for nfe in nfes:
         for solver, sampler in solvers.items():
             for name, tuner in tuners.items():
                 try:
                     tuner.check(sampler, nfe)
                 except ValueError as exc:
-                    problems.append(f"tuner {name} for {solver} at {nfe} NFE: {exc}")
+                    problems[(nfe, solver, name)] = f"tuner {name} for {solver} at {nfe} NFE: {exc}"
     return problems
 
 
@@ -64,11 +66,11 @@ def tune_rows(tuners: Mapping[str, Tuner], solvers: Mapping[str, Sampler], nfes:
     ``skip_impossible``."""
     problems = impossible(tuners, solvers, nfes)
     if problems and not skip_impossible:
-        raise ValueError("; ".join(problems))
-    for line in problems:
+        raise ValueError("; ".join(problems.values()))
+    for line in problems.values():
         report(f"skipped: {line}")
     plan = [(nfe, solver, name) for nfe in nfes for solver in solvers for name in tuners
-            if not any(line.startswith(f"tuner {name} for {solver} at {nfe} NFE:") for line in problems)]
+            if (nfe, solver, name) not in problems]
     rows = []
     for nfe, solver, name in tqdm(plan, desc="tune", disable=not progress or not plan, dynamic_ncols=True):
         result = tuners[name].tune(solvers[solver], denoiser, datamodule, nfe, seed, device)
@@ -106,7 +108,8 @@ def by_budget(rows: Sequence[TunedRow]) -> dict[int, dict[str, Sampler]]:
     return out
 
 
-def _distance(cells: Mapping[str, tuple[float, float, int]]) -> tuple[str, float, float]:
+def distance(cells: Mapping[str, tuple[float, float, int]]) -> tuple[str, float, float]:
+    """``(metric, mean, std)`` of a summary cell's distance: MMD², else FD, else FID."""
     for metric in ("mmd", "fd", "fid"):
         if metric in cells:
             return metric, cells[metric][0], cells[metric][1]
@@ -123,7 +126,7 @@ def costs_table(rows: Sequence[TunedRow], summary: Mapping, extra: Mapping[tuple
     entries += list(dict(extra).items())
     for (name, nfe), (cost, seconds) in entries:
         used = [key for key in summary if key[0] == name and key[1] <= nfe]
-        metric, mean, std = _distance(summary[max(used, key=lambda k: k[1])]) if used else ("?", float("nan"), 0.0)
+        metric, mean, std = distance(summary[max(used, key=lambda k: k[1])]) if used else ("?", float("nan"), 0.0)
         wall = f"{seconds:.1f} s" if seconds is not None else "–"
         lines.append(f"| {name} | {nfe} | {cost:.3g} | {wall} | {metric} {mean:.4g} ± {std:.2g} |")
     return "\n".join(lines) + "\n"

@@ -28,8 +28,8 @@ from diffusion_irl.mdp.policies import ConstantKnobPolicy, KnobPolicy, Transitio
 from diffusion_irl.plots import plot_quality_vs_cost, plot_samples, plot_schedule
 from diffusion_irl.runs import compact_table, report
 from diffusion_irl.sampling.samplers import Sampler
-from diffusion_irl.tuning.baselines import TunedRow, tune_rows, write_tuned
-from diffusion_irl.tuning.grid import write_grid_csv
+from diffusion_irl.tuning.baselines import TunedRow, distance, tune_rows, write_tuned
+from diffusion_irl.tuning.grid import mean_scores, write_grid_csv
 from diffusion_irl.tuning.tuners import Tuner
 
 PERIODIC_METRICS = ("mmd", "nll", "precision", "recall", "fd", "coverage")
@@ -70,16 +70,11 @@ class GridSearch:
         """Returns the best values, every point's score on the training split and the cost in NFE."""
         metric = "mmd" if len(datamodule.shape) == 1 else "fd"
         score = scorer_for(datamodule, max(self.num_samples, 1000), feature_cache, split="train")
-        results, cost, start = [], 0, time.perf_counter()
-        for values in self.points(policy):
-            sampler = PolicySampler(mdp, mdp.setup_policy(ConstantKnobPolicy(values), datamodule.shape), "grid", guide)
-            scores = []
-            for seed in self.seeds:
-                x, used = generate(sampler, denoiser, datamodule.shape, mdp.horizon, self.num_samples, seed,
-                                   batch_size, device)
-                cost += used * self.num_samples
-                scores.append(score(x, seed)[metric])
-            results.append((values, sum(scores) / len(scores)))
+        start = time.perf_counter()
+        candidates = [(values, PolicySampler(mdp, mdp.setup_policy(ConstantKnobPolicy(values), datamodule.shape),
+                                             "grid", guide)) for values in self.points(policy)]
+        results, cost = mean_scores(candidates, denoiser, datamodule.shape, mdp.horizon, self.num_samples, self.seeds,
+                                    batch_size, device, lambda x, seed: score(x, seed)[metric])
         finite = [r for r in results if math.isfinite(r[1])]
         best = min(finite, key=lambda r: r[1]) if finite else results[0]
         return {"best": best[0], "best_score": best[1], "metric": metric, "points": results, "nfe": cost,
@@ -116,20 +111,15 @@ class CheckpointSelection:
         from diffusion_irl.tuning.grid import selection_scorer
 
         metric, score = selection_scorer(run.datamodule, max(self.num_samples, 1000), feature_cache)
-        results, cost, start = [], 0, time.perf_counter()
-        for name, policy in self.candidates(run, checkpoints):
-            sampler = PolicySampler(run.mdp, policy, "selection", run.guide)
-            scores = []
-            for seed in self.seeds:
-                x, used = generate(sampler, run.denoiser, run.datamodule.shape, run.mdp.horizon, self.num_samples,
-                                   seed, batch_size, device)
-                cost += used * self.num_samples
-                scores.append(score(x, seed))
-            results.append((name, policy, sum(scores) / len(scores)))
-        finite = [r for r in results if math.isfinite(r[2])]
-        best = min(finite, key=lambda r: r[2]) if finite else results[-1]
-        return {"best": best[0], "policy": best[1], "best_score": best[2], "metric": metric, "nfe": cost,
-                "seconds": time.perf_counter() - start, "scores": [(n, v) for n, _, v in results]}
+        start = time.perf_counter()
+        policies = dict(self.candidates(run, checkpoints))
+        candidates = [(name, PolicySampler(run.mdp, policy, "selection", run.guide)) for name, policy in policies.items()]
+        results, cost = mean_scores(candidates, run.denoiser, run.datamodule.shape, run.mdp.horizon, self.num_samples,
+                                    self.seeds, batch_size, device, score)
+        finite = [r for r in results if math.isfinite(r[1])]
+        best = min(finite, key=lambda r: r[1]) if finite else results[-1]
+        return {"best": best[0], "policy": policies[best[0]], "best_score": best[1], "metric": metric, "nfe": cost,
+                "seconds": time.perf_counter() - start, "scores": results}
 
 
 @dataclass
@@ -331,19 +321,12 @@ class Comparison:
         plot_schedule(run.policy.schedule(), run.mdp.ref_sigmas, out / "plots" / "schedule.png", ref)
 
 
-def _distance(cells: Mapping[str, tuple[float, float, int]]) -> tuple[str, float, float]:
-    for metric in ("mmd", "fd", "fid"):
-        if metric in cells:
-            return metric, cells[metric][0], cells[metric][1]
-    return "?", float("nan"), float("nan")
-
-
 def cost_table(costs: Mapping[str, tuple[float, float | None]], summary: Mapping, nfe: int) -> str:
     """One row per tuned sampler: what its tuning cost (denoiser evaluations, wall time) beside its quality."""
     lines = ["| row | tuning cost (denoiser evaluations) | tuning wall time | distance at "
              f"{nfe} NFE |", "|---|---|---|---|"]
     for name, (nfe_cost, seconds) in costs.items():
-        metric, mean, std = _distance(summary.get((name, nfe), {}))
+        metric, mean, std = distance(summary.get((name, nfe), {}))
         wall = f"{seconds:.1f} s" if seconds is not None else "–"
         lines.append(f"| {name} | {nfe_cost:.3g} | {wall} | {metric} {mean:.4g} ± {std:.2g} |")
     return "\n".join(lines) + "\n"
@@ -354,8 +337,8 @@ def plot_costs(costs: Mapping[str, tuple[float, float | None]], summary: Mapping
     points = {}
     for (name, row_nfe), cells in summary.items():
         if row_nfe == nfe:
-            metric, mean, std = _distance(cells)
+            metric, mean, std = distance(cells)
             points[name] = (costs.get(name, (0.0, None))[0], mean, std)
     floor = summary.get(("reference", 0))
-    metric = _distance(floor)[0] if floor else "mmd"
-    return plot_quality_vs_cost(points, path, metric, _distance(floor)[1:] if floor else None)
+    metric = distance(floor)[0] if floor else "mmd"
+    return plot_quality_vs_cost(points, path, metric, distance(floor)[1:] if floor else None)

@@ -42,11 +42,10 @@ import torch
 from torch import Tensor
 
 from diffusion_irl import seeding
-from diffusion_irl.evaluation import generate
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
 from diffusion_irl.sampling.solvers import heun_step, to_d
 from diffusion_irl.tensors import append_dims
-from diffusion_irl.tuning.grid import selection_scorer
+from diffusion_irl.tuning.grid import mean_scores, selection_scorer
 from diffusion_irl.tuning.tuners import Tuner, initial_noise, positive_int, sigma_range, with_schedule
 
 
@@ -165,11 +164,11 @@ class GITSTuner(Tuner):
         # several coefficients: the path whose samples score best on the TRAINING split (the grid's scorer)
         metric, score = selection_scorer(datamodule, self.num_train, self.feature_cache)
         noise_seed = seeding.derive_seed("tune", "gits-select", seed)
-        scores = []
-        for levels, _ in candidates:
-            x, _ = generate(with_schedule(sampler, SigmaSchedule(sigmas=levels.tolist())), D, datamodule.shape, steps,
-                            self.select_samples, noise_seed, self.batch_size, device)
-            scores.append(score(x, noise_seed))
+        schedules = [(i, with_schedule(sampler, SigmaSchedule(sigmas=levels.tolist())))
+                     for i, (levels, _) in enumerate(candidates)]
+        scored, _ = mean_scores(schedules, D, datamodule.shape, steps, self.select_samples, [noise_seed],
+                                self.batch_size, device, score)  # the cost is counted by D
+        scores = [value for _, value in scored]
         best = min(range(len(candidates)), key=lambda i: scores[i])
         levels, details = candidates[best]
         return levels, {**details, "selected_coeff": self.coeffs[best], "metric": metric, "split": "train",

@@ -22,6 +22,7 @@ from torch import Tensor
 from diffusion_irl import seeding
 from diffusion_irl.evaluation import generate, scorer_for
 from diffusion_irl.metrics.samples import finite_rows, mmd, mmd_self_term
+from diffusion_irl.sampling.samplers import Sampler
 from diffusion_irl.sampling.schedules import KarrasSchedule
 from diffusion_irl.tuning.tuners import Tuner, positive_int, with_schedule
 
@@ -55,6 +56,22 @@ def selection_scorer(datamodule, num_train: int, feature_cache=None) -> tuple[st
         return float(mmd(x.double(), train, kyy=kyy)) if bool(finite_rows(x).all()) else math.inf
 
     return "mmd", score_mmd
+
+
+def mean_scores(candidates: Sequence[tuple[object, Sampler]], denoiser, shape: Sequence[int], steps: int,
+                num_samples: int, seeds: Sequence[int], batch_size: int, device,
+                score: Callable[[Tensor, int], float]) -> tuple[list[tuple[object, float]], int]:
+    """``([(key, mean over seeds of score(samples, seed))], cost)``: each candidate sampler's ``num_samples``
+    samples per seed, the same noise for every candidate; ``cost`` is the per-sample denoiser evaluations spent."""
+    results, cost = [], 0
+    for key, sampler in candidates:
+        scores = []
+        for seed in seeds:
+            x, used = generate(sampler, denoiser, shape, steps, num_samples, seed, batch_size, device)
+            cost += used * num_samples
+            scores.append(score(x, seed))
+        results.append((key, sum(scores) / len(scores)))
+    return results, cost
 
 
 class GridTuner(Tuner):
@@ -93,11 +110,9 @@ class GridTuner(Tuner):
         shape = tuple(datamodule.shape)
         metric, score = selection_scorer(datamodule, self.num_train, self.feature_cache)
         noise_seed = seeding.derive_seed("tune", "grid", seed)
-        points = []
-        for point in self.points():
-            candidate = with_schedule(sampler, KarrasSchedule(**point))
-            x, _ = generate(candidate, D, shape, steps, self.num_samples, noise_seed, self.batch_size, device)
-            points.append((point, score(x, noise_seed)))
+        candidates = [(point, with_schedule(sampler, KarrasSchedule(**point))) for point in self.points()]
+        points, _ = mean_scores(candidates, D, shape, steps, self.num_samples, [noise_seed], self.batch_size, device,
+                                score)  # the cost is counted by D
         finite = [p for p in points if math.isfinite(p[1])]
         if not finite:
             raise RuntimeError("grid: every point scored NaN / inf")
