@@ -18,13 +18,16 @@ from .helpers import compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+TINY_PATHWISE = ["tuners.pathwise.iterations=6", "tuners.pathwise.batch=32", "tuners.pathwise.disc_warmup=2",
+                 "tuners.pathwise.starts=[80,5]", "tuners.pathwise.explore=3", "tuners.pathwise.select_samples=50",
+                 "tuners.pathwise.select_train=200"]
 TINY = ["data.n_train=2000", "data.n_heldout=1000", "baselines.num_samples=300", "baselines.num_heldout=500",
         "baselines.seeds=[0,1]", "baselines.progress=false", "baselines.large_nfe=32",
         "tuners.grid.sigma_max=[5,80]", "tuners.grid.rho=[2,7]", "tuners.grid.sigma_min=[0.002,0.1]",
         "tuners.grid.num_samples=200", "tuners.grid.num_train=500", "tuners.gits.levels=40",
         "tuners.gits.num_warmup=64", "tuners.gits.coeff=[1.0,1.1]", "tuners.gits.select_samples=100",
         "tuners.gits.num_train=500", "tuners.ld3.num_pairs=32", "tuners.ld3.teacher_steps=30",
-        "tuners.ld3.iterations=30"]
+        "tuners.ld3.iterations=30", *TINY_PATHWISE]
 
 
 def baselines(out, overrides):
@@ -53,18 +56,18 @@ def test_every_tuned_row_runs_at_its_own_budget_only(table):
     out, result = table
     with open(out / "results.csv") as f:
         pairs = {(r["sampler"], int(r["nfe"])) for r in csv.DictReader(f)}
-    tuned = {(f"{solver}_{tuner}", nfe) for solver in ("euler", "ipndm") for tuner in ("grid", "gits", "ld3")
-             for nfe in (5, 8)}
+    tuned = {(f"{solver}_{tuner}", nfe) for solver in ("euler", "ipndm")
+             for tuner in ("grid", "gits", "ld3", "pathwise") for nfe in (5, 8)}
     untuned = {(name, nfe) for name in ("euler", "ipndm", "ddim") for nfe in (5, 8)}
     assert pairs == tuned | untuned | {("euler", 32), ("ipndm", 32), ("reference", 0)}
-    assert len(result["tuned"]) == 12
+    assert len(result["tuned"]) == 16
 
 
 @pytest.mark.slow
 def test_schedules_and_costs_are_written(table):
     out, result = table
     records = json.loads((out / "tuning.json").read_text())
-    assert len(records) == 12 and {r["tuner"] for r in records} == {"grid", "gits", "ld3"}
+    assert len(records) == 16 and {r["tuner"] for r in records} == {"grid", "gits", "ld3", "pathwise"}
     for record in records:
         sigmas = json.loads((out / record["schedule"]).read_text())["sigmas"]
         assert sigmas == record["sigmas"] and len(sigmas) == record["steps"] + 1 == record["nfe"] + 1

@@ -444,8 +444,9 @@ def test_group_files_state_the_values_a_run_uses(tmp_path):
             assert cfg[group_name][key] == stated[key], (group_name, key)
 
 
-# ---- begin: schedule tuners (tune.py, tuning/grid.py, gits.py, ld3.py: tune.yaml, tuner/, schedule/sigmas.yaml) ---
-@pytest.mark.parametrize("name", cover("tune.yaml", "tuner/grid.yaml", "tuner/gits.yaml", "tuner/ld3.yaml"))
+# ---- begin: schedule tuners (tune.py, tuning/grid.py, gits.py, ld3.py, pathwise.py: tune.yaml, tuner/, schedule/sigmas.yaml) ---
+@pytest.mark.parametrize("name", cover("tune.yaml", "tuner/grid.yaml", "tuner/gits.yaml", "tuner/ld3.yaml",
+                                           "tuner/pathwise.yaml"))
 def test_tuner_configs(name, tmp_path):
     from diffusion_irl.sampling.samplers import Euler
     from diffusion_irl.tuning.tuners import Tuner
@@ -466,13 +467,15 @@ def test_baselines_and_tuners_configs(name, tmp_path):
     from diffusion_irl.tuning.tuners import Tuner
 
     cfg = compose_config("baselines", output_dir=tmp_path)
-    assert list(cfg.baselines.tuners) == ["grid", "gits", "ld3"] and list(cfg.baselines.solvers) == ["euler", "ipndm"]
+    assert list(cfg.baselines.tuners) == ["grid", "gits", "ld3", "pathwise"]
+    assert list(cfg.baselines.solvers) == ["euler", "ipndm"]
     for tuner in cfg.baselines.tuners:
         assert isinstance(build(cfg, f"tuners.{tuner}"), Tuner)
     for sampler in [*cfg.baselines.solvers, *cfg.baselines.training_free]:
         build(cfg, f"samplers.{sampler}")
     train = compose_config("train", output_dir=tmp_path)
-    assert list(train.compare.tuners) == ["grid", "gits", "ld3"] and sorted(train.tuners) == ["gits", "grid", "ld3"]
+    assert list(train.compare.tuners) == ["grid", "gits", "ld3", "pathwise"]
+    assert sorted(train.tuners) == ["gits", "grid", "ld3", "pathwise"]
 
 
 @pytest.mark.parametrize("name", cover("schedule/sigmas.yaml"))

@@ -28,7 +28,10 @@ QUIET = ["logger=none", "trainer.enable_progress_bar=false", "compare.progress=f
 TINY_TUNERS = ["tuners.grid.num_samples=100", "tuners.grid.sigma_max=[5,80]", "tuners.grid.rho=[3,7]",
                "tuners.grid.sigma_min=[0.002,0.1]", "tuners.gits.levels=40", "tuners.gits.num_warmup=32",
                "tuners.gits.coeff=[1.0,1.1]", "tuners.gits.select_samples=50", "tuners.gits.num_train=200",
-               "tuners.ld3.num_pairs=16", "tuners.ld3.teacher_steps=20", "tuners.ld3.iterations=10"]
+               "tuners.ld3.num_pairs=16", "tuners.ld3.teacher_steps=20", "tuners.ld3.iterations=10",
+               "tuners.pathwise.iterations=6", "tuners.pathwise.batch=32", "tuners.pathwise.disc_warmup=2",
+               "tuners.pathwise.starts=[80,5]", "tuners.pathwise.explore=3", "tuners.pathwise.select_samples=50",
+               "tuners.pathwise.select_train=200"]
 SMALL = [*QUIET, "denoiser=analytic", "system.rollout_batch=64", "system.eval_every=0", "compare.num_samples=200",
          "compare.seeds=[0]", "compare.samplers=[euler]", "compare.large_nfe=16", "compare.grid.num_samples=200",
          "compare.num_heldout=500", "data.n_train=5000", "data.n_heldout=2000", "compare.select.num_samples=200",
@@ -336,5 +339,5 @@ def test_warm_start_trains_from_the_tuned_schedule(tmp_path, monkeypatch):
 
 
 def test_warm_start_names_a_tuner(tmp_path):
-    with pytest.raises(ConfigError, match=r"warm_start: must be null or one of the tuners \['gits', 'grid', 'ld3'\]"):
+    with pytest.raises(ConfigError, match=r"warm_start: must be null or one of the tuners \['gits', 'grid', 'ld3', 'pathwise'\]"):
         train(tmp_path, [*TRAIN_ONLY, "warm_start=nope"])

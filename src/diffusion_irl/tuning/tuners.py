@@ -42,7 +42,7 @@ class TuningResult:
     """One tuned schedule and what it cost.
 
     ``sigmas``: [steps + 1] float64, ending in 0. ``cost_nfe``: per-sample denoiser evaluations spent by the tuner
-    (forward calls; LD3's backward passes are not counted separately). ``denoiser_calls``: batched calls.
+    (forward calls; the backward passes of LD3 and the pathwise tuner are not counted separately). ``denoiser_calls``: batched calls.
     ``settings``: the tuner's settings. ``details``: tuner-specific results (grid: best point, its training-split
     score and every point; gits: the path's levels and cost; ld3: the loss curve)."""
 
@@ -59,7 +59,7 @@ class TuningResult:
 
     def record(self) -> dict:
         """The JSON record of ``tuning.json`` (``details`` without bulky per-point lists)."""
-        details = {k: v for k, v in self.details.items() if k not in ("points", "losses")}
+        details = {k: v for k, v in self.details.items() if k not in ("points", "losses", "history")}
         return {"tuner": self.tuner, "solver": self.solver, "nfe": self.nfe, "steps": self.steps,
                 "sigmas": [float(s) for s in self.sigmas], "cost_nfe": self.cost_nfe,
                 "denoiser_calls": self.denoiser_calls, "wall_seconds": self.wall_seconds,

@@ -1,0 +1,370 @@
+"""Pathwise f-divergence schedule tuning (ours; docs/method.md section 10, "Pathwise gradient").
+
+The schedule is learned against DATA, not against the denoiser's own ODE solution: a noise-conditional
+discriminator ``d(x, sigma)`` is trained on the sampler's final samples against training points (both at a few small
+noise levels ``disc_sigmas``: the discriminator's own instance noise), and the schedule follows the pathwise gradient
+of the reward of its samples,
+
+    grad_theta E_eps[ r(d(x_theta(eps), s)) ],   x_theta(eps) = Psi_theta(sigma_0(theta) eps) + s n,   r = -f'(u),
+
+through the solver's differentiable loop (``tuning.ld3.solve``) with the discriminator frozen. With ``d`` at its
+optimum ``log q - log p_theta``, this is exactly ``-grad_theta D_f(p_theta || q)`` for every divergence of
+``rl/rewards.py`` (the identity ``d/dtheta D_f = d/dtheta E[f'(u_frozen(x_theta))]``; tests check it on Gaussians
+with the exact ratio), so it is a low-variance alternative to the policy gradient of PPO for continuous knobs.
+
+**What is learned** (``parametrization``):
+
+- ``free``: ``log s_0`` (the first noise level: the initial noise is ``s_0 eps``, so the first level is a knob) and
+  ``N - 1`` gaps ``log s_{k-1} - log s_k = softplus(g_k)``; the schedule is ``[s_0, ..., s_{N-1}, 0]`` (strictly
+  decreasing by construction). Starts at ``init``: the solver's own schedule (``sampler``), a Karras schedule
+  (``karras``, from ``init_sigma_max / init_sigma_min / init_rho``), or a schedule file (a tuner's
+  ``schedule.json``: warm start from any tuned schedule).
+- ``karras``: three numbers ``(log sigma_max, log sigma_min, log rho)`` of the Karras family the grid searches
+  (``tuning.grid``), started at ``init_*``: the grid's space searched by gradient.
+
+``s_0`` stays in ``[sigma_low, sigma_high]``. The returned schedule is the average of the log-levels over the last
+``average`` fraction of the iterations (Polyak averaging against the discriminator's noise).
+
+Cost: ``(disc_warmup + iterations) x batch x NFE`` forward denoiser evaluations, every call counted by the
+:class:`~diffusion_irl.tuning.tuners.EvaluationCounter`; like LD3's, the backward passes (about twice a forward
+pass each) are not counted separately.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_irl import seeding
+from diffusion_irl.discriminator.module import discriminator_loss
+from diffusion_irl.rl.rewards import Reward
+from diffusion_irl.sampling.noise import NoiseStream
+from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
+from diffusion_irl.tensors import append_dims
+from diffusion_irl.tuning.ld3 import SOLVERS, solve
+from diffusion_irl.tuning.grid import mean_scores, selection_scorer
+from diffusion_irl.tuning.tuners import Tuner, positive_int, sigma_range, with_schedule
+
+log = logging.getLogger(__name__)
+
+PARAMETRIZATIONS = ("free", "karras")
+
+
+def _inverse_softplus(y: Tensor) -> Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class FreeLevels(nn.Module):
+    """``[s_0, ..., s_{N-1}, 0]`` from ``log s_0`` (clamped to ``[log sigma_low, log sigma_high]``) and ``N - 1``
+    gaps ``softplus(g_k) = log s_{k-1} - log s_k``. ``init``: a schedule ``[N + 1]`` ending in 0."""
+
+    def __init__(self, init: Tensor, sigma_low: float, sigma_high: float):
+        super().__init__()
+        levels = init[:-1].double()
+        self.log_low, self.log_high = math.log(sigma_low), math.log(sigma_high)
+        self.log_first = nn.Parameter(levels[:1].log().clamp(self.log_low, self.log_high))
+        self.gaps = nn.Parameter(_inverse_softplus((-levels.log().diff()).clamp_min(1e-6)))
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Back into the bounds after an optimiser step (a clamp inside the forward pass would stop the gradient of a
+        first level that stepped outside for good)."""
+        self.log_first.clamp_(self.log_low, self.log_high)
+
+    def log_levels(self) -> Tensor:
+        first = self.log_first.clamp(self.log_low, self.log_high)
+        return first - torch.cat([first.new_zeros(1), torch.cumsum(F.softplus(self.gaps), 0)])
+
+    def forward(self) -> Tensor:
+        return torch.cat([self.log_levels().exp(), self.log_first.new_zeros(1)])
+
+
+class KarrasLevels(nn.Module):
+    """The Karras schedule ``(s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``, ``i < N``, then 0,
+    with ``log s_max`` (clamped to ``[log sigma_low, log sigma_high]``), ``log s_min`` (kept below ``s_max``) and
+    ``log rho`` learned."""
+
+    def __init__(self, steps: int, sigma_min: float, sigma_max: float, rho: float, sigma_low: float,
+                 sigma_high: float):
+        super().__init__()
+        self.steps = int(steps)
+        self.log_low, self.log_high = math.log(sigma_low), math.log(sigma_high)
+        self.log_max = nn.Parameter(torch.tensor([math.log(sigma_max)], dtype=torch.float64))
+        self.log_min = nn.Parameter(torch.tensor([math.log(sigma_min)], dtype=torch.float64))
+        self.log_rho = nn.Parameter(torch.tensor([math.log(rho)], dtype=torch.float64))
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Back into the bounds after an optimiser step."""
+        self.log_max.clamp_(self.log_low, self.log_high)
+        self.log_min.copy_(torch.minimum(self.log_min, self.log_max - 1e-3))
+
+    def log_levels(self) -> Tensor:
+        log_max = self.log_max.clamp(self.log_low, self.log_high)
+        log_min = torch.minimum(self.log_min, log_max - 1e-3)
+        rho = self.log_rho.exp()
+        ramp = torch.linspace(0, 1, self.steps, dtype=log_max.dtype, device=log_max.device)
+        hi, lo = (log_max / rho).exp(), (log_min / rho).exp()
+        return rho * (hi + ramp * (lo - hi)).log()
+
+    def forward(self) -> Tensor:
+        return torch.cat([self.log_levels().exp(), self.log_max.new_zeros(1)])
+
+
+def generator_loss(disc: nn.Module, x: Tensor, sigma: Tensor, reward: Reward) -> Tensor:
+    """``-mean r(d(x, sigma))``: minimised by the schedule (its gradient flows through ``x`` only; the caller keeps
+    the discriminator's parameters out of the step)."""
+    return -reward(disc(x, sigma)).mean()
+
+
+def noised(x: Tensor, sigma: Tensor, generator: torch.Generator) -> Tensor:
+    """``x + sigma n`` with ``n`` from ``generator`` (per-sample sigma [B])."""
+    n = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return x + append_dims(sigma, x.ndim) * n
+
+
+class PathwiseTuner(Tuner):
+    """The schedule learned by the pathwise gradient of an f-divergence reward (see the module doc).
+
+    Args:
+        discriminator: the network ``d(x, sigma) -> logit`` (an ``nn.Module`` Hydra builds from a ``_target_``), or
+            ``auto``: the MLP of ``conf/discriminator/mlp.yaml`` for vectors, the CNN of ``cnn.yaml`` for images.
+        divergence, logit_clip: the reward ``r = -f'(u)`` (``rl.rewards.Reward``); lam / temperature for ``pr``.
+        parametrization: ``free`` or ``karras``. init: ``sampler``, ``karras`` or a schedule file (``free`` only).
+        init_sigma_max, init_sigma_min, init_rho: the Karras start. sigma_low, sigma_high: bounds of ``s_0``.
+        iterations, batch: schedule steps and samples per step. lr: the schedule's Adam step size.
+        disc_lr, disc_steps, disc_warmup: the discriminator's Adam step size, its steps per iteration (on the
+            iteration's samples and fresh training points), and its steps on the starting schedule's samples first.
+        disc_sigmas: the noise levels both classes are compared at (each sample draws one).
+        average: the fraction of the last iterations whose log-levels are averaged into the result.
+        num_train: training points the real class is drawn from.
+    """
+
+    name = "pathwise"
+
+    def __init__(self, discriminator: nn.Module | str = "auto", divergence: str = "kl", logit_clip: float | None = None,
+                 lam: float = 1.0, temperature: float = 0.0, parametrization: str = "free", init: str = "sampler",
+                 init_sigma_max: float = 80.0, init_sigma_min: float = 0.05, init_rho: float = 7.0,
+                 sigma_low: float = 0.5, sigma_high: float = 80.0, iterations: int = 150, batch: int = 128,
+                 lr: float = 0.03, disc_lr: float = 1e-3, disc_steps: int = 2, disc_warmup: int = 50,
+                 disc_sigmas: Sequence[float] = (0.0, 0.02, 0.05), average: float = 0.25, num_train: int = 20000,
+                 starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_samples: int = 1000,
+                 select_train: int = 2000, feature_cache: str | None = None):
+        if not (isinstance(discriminator, nn.Module) or discriminator == "auto"):
+            raise ValueError("tuner.discriminator must be auto or build an nn.Module (a _target_ network), got "
+                             f"{discriminator!r}")
+        self.discriminator = discriminator
+        self.reward = Reward(divergence, logit_clip, lam, temperature, weighting="terminal")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"tuner.parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        if parametrization == "karras" and init not in ("sampler", "karras"):
+            raise ValueError("tuner.parametrization=karras starts from its init_* values (init=karras); "
+                             f"a schedule file ({init!r}) needs parametrization=free")
+        self.parametrization, self.init = parametrization, str(init)
+        self.init_sigma_min, self.init_sigma_max = sigma_range(init_sigma_min, init_sigma_max, "tuner.init")
+        self.sigma_low, self.sigma_high = sigma_range(sigma_low, sigma_high, "tuner (sigma_low, sigma_high)")
+        if not init_rho > 0:
+            raise ValueError(f"tuner.init_rho must be > 0, got {init_rho}")
+        self.init_rho = float(init_rho)
+        self.iterations = positive_int(iterations, "tuner.iterations")
+        self.batch = positive_int(batch, "tuner.batch", 2)
+        self.disc_steps = positive_int(disc_steps, "tuner.disc_steps")
+        self.disc_warmup = positive_int(disc_warmup, "tuner.disc_warmup", 0)
+        self.num_train = positive_int(num_train, "tuner.num_train", 2)
+        for key, value in (("lr", lr), ("disc_lr", disc_lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"tuner.{key} must be > 0, got {value}")
+        self.lr, self.disc_lr = float(lr), float(disc_lr)
+        self.disc_sigmas = [float(s) for s in disc_sigmas]
+        if not self.disc_sigmas or not all(math.isfinite(s) and s >= 0 for s in self.disc_sigmas):
+            raise ValueError(f"tuner.disc_sigmas must be a non-empty list of levels >= 0, got {list(disc_sigmas)}")
+        if not 0 < average <= 1:
+            raise ValueError(f"tuner.average must be in (0, 1], got {average}")
+        self.average = float(average)
+        self.starts = [float(v) for v in starts] if starts else None
+        if self.starts is not None:
+            if not all(self.sigma_low <= v <= self.sigma_high for v in self.starts):
+                raise ValueError(f"tuner.starts must lie in [sigma_low, sigma_high] = [{self.sigma_low}, "
+                                 f"{self.sigma_high}], got {self.starts}")
+            if self.init not in ("sampler", "karras"):
+                raise ValueError("tuner.starts are Karras starts; a schedule file (tuner.init) is one start: "
+                                 "set tuner.starts=null")
+        self.explore = positive_int(explore, "tuner.explore")
+        self.select_samples = positive_int(select_samples, "tuner.select_samples", 2)
+        self.select_train = positive_int(select_train, "tuner.select_train", 2)
+        self.feature_cache = feature_cache
+
+    def settings(self) -> dict:
+        return {"divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
+                "parametrization": self.parametrization, "init": self.init, "iterations": self.iterations,
+                "batch": self.batch, "lr": self.lr, "disc_lr": self.disc_lr, "disc_steps": self.disc_steps,
+                "disc_warmup": self.disc_warmup, "disc_sigmas": self.disc_sigmas, "average": self.average,
+                "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
+                "select_samples": self.select_samples}
+
+    def check(self, sampler, nfe):
+        steps = super().check(sampler, nfe)
+        if sampler.name not in SOLVERS:
+            raise ValueError(f"tuner=pathwise backpropagates through the solvers {sorted(SOLVERS)} only; "
+                             f"sampler {sampler.name} is not one of them")
+        if self.init not in ("sampler", "karras"):
+            sigmas = SigmaSchedule(path=self.init).sigmas
+            if len(sigmas) != steps + 1:
+                raise ValueError(f"tuner.init={self.init}: {len(sigmas) - 1} steps, but {sampler.name} at {nfe} NFE "
+                                 f"takes {steps}")
+        return steps
+
+    def levels(self, sampler, steps: int, first: float | None = None) -> nn.Module:
+        """The learned schedule's module at its starting point; ``first``: a Karras start at that first level."""
+        if first is not None:
+            smin, smax, rho = min(self.init_sigma_min, 0.5 * first), first, self.init_rho
+        elif self.init == "sampler" and self.parametrization == "karras":
+            schedule = getattr(sampler, "schedule", None)
+            smin = float(getattr(schedule, "sigma_min", self.init_sigma_min))
+            smax = float(getattr(schedule, "sigma_max", self.init_sigma_max))
+            rho = float(getattr(schedule, "rho", self.init_rho))
+        else:
+            smin, smax, rho = self.init_sigma_min, self.init_sigma_max, self.init_rho
+        if self.parametrization == "karras":
+            return KarrasLevels(steps, smin, smax, rho, self.sigma_low, self.sigma_high)
+        if first is not None or self.init == "karras":
+            init = karras_sigmas(steps, smin, smax, rho)
+        elif self.init == "sampler":
+            init = sampler.sigmas(steps).double()
+        else:
+            init = torch.as_tensor(SigmaSchedule(path=self.init).sigmas, dtype=torch.float64)
+        return FreeLevels(init.cpu(), self.sigma_low, self.sigma_high)
+
+    def network(self, datamodule) -> nn.Module:
+        """A fresh copy of the discriminator network (``auto``: sized for ``datamodule``'s samples)."""
+        if isinstance(self.discriminator, nn.Module):
+            return copy.deepcopy(self.discriminator)
+        from diffusion_irl.discriminator.networks import CNNDiscriminator, MLPDiscriminator
+
+        shape, sigma_data = list(datamodule.shape), float(getattr(datamodule, "sigma_data", 0.5))
+        if len(shape) == 1:
+            return MLPDiscriminator(shape, hidden=128, depth=3, emb_dim=32, sigma_data=sigma_data)
+        return CNNDiscriminator(shape, base_channels=32, channel_mults=(1, 2), emb_dim=64, sigma_data=sigma_data)
+
+    def _tune(self, sampler, D, datamodule, steps, seed, device):
+        datamodule.setup()
+        train = datamodule.train_samples(min(self.num_train, len(datamodule.train_samples()))).to(device)
+        gen = seeding.generator("tune", "pathwise", seed)
+        firsts = self.starts or [None]
+        runs = [_Run(self, sampler, D, train, tuple(datamodule.shape), self.levels(sampler, steps, first),
+                     self.network(datamodule), gen, seed, device) for first in firsts]
+        explore = min(self.explore, self.iterations) if len(runs) > 1 else self.iterations
+        for run in runs:
+            run.train(explore)
+        details: dict = {}
+        if len(runs) > 1:
+            metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache)
+            noise_seed = seeding.derive_seed("tune", "pathwise", "select", seed)
+            candidates = [(i, with_schedule(sampler, SigmaSchedule(run.result().tolist()))) for i, run in enumerate(runs)]
+            scores, _ = mean_scores(candidates, D, tuple(datamodule.shape), steps, self.select_samples, [noise_seed],
+                                    4096, device, score)  # the cost is counted by D
+            finite = [p for p in scores if math.isfinite(p[1])]
+            if not finite:
+                raise RuntimeError("tuner=pathwise: every start's samples scored NaN / inf")
+            best = min(finite, key=lambda p: p[1])[0]
+            details["starts"] = [{"first_level": first, "score": sc, "sigmas": [float(v) for v in runs[i].result()]}
+                                 for (i, sc), first in zip(scores, firsts)]
+            details["selected_start"], details["select_metric"] = firsts[best], metric
+            runs = [runs[best]]
+        run = runs[0]
+        run.train(self.iterations - explore)
+        sigmas = run.result()
+        return sigmas, {**details, "initial_sigmas": [float(v) for v in run.start], "averaged_iterations": run.kept,
+                        "final_loss": run.history["loss"][-1], "final_disc_acc": run.history["disc_acc"][-1],
+                        "losses": run.history["loss"], "history": run.history}
+
+
+class _Run:
+    """One start of :class:`PathwiseTuner`: its schedule, discriminator, optimisers and history."""
+
+    def __init__(self, tuner: PathwiseTuner, sampler, D, train: Tensor, shape: tuple, levels: nn.Module,
+                 disc: nn.Module, gen: torch.Generator, seed: int, device):
+        self.tuner, self.sampler, self.D, self.train_data, self.shape = tuner, sampler, D, train, shape
+        self.levels, self.disc, self.gen, self.seed, self.device = levels.to(device), disc.to(device), gen, seed, device
+        self.opt = torch.optim.Adam(self.levels.parameters(), lr=tuner.lr)
+        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=tuner.disc_lr, betas=(0.5, 0.999))
+        self.choices = torch.tensor(tuner.disc_sigmas, dtype=torch.float32)
+        with torch.no_grad():
+            self.start = self.levels().detach().cpu()
+        self.history: dict[str, list[float]] = {k: [] for k in ("loss", "disc_acc", "logit_fake", "logit_real",
+                                                                 "sigma_max", "grad_norm")}
+        self.log_levels: list[Tensor] = []
+        self.iteration, self.kept = 0, 0
+        self.warmed = False
+
+    def draw_sigma(self, n: int) -> Tensor:
+        return self.choices[torch.randint(len(self.choices), (n,), generator=self.gen)].to(self.device)
+
+    def samples(self, it: int, grad: bool) -> Tensor:
+        """The solver's final samples on the current schedule from this iteration's noise (autograd on: ``grad``)."""
+        batch = self.tuner.batch
+        seeds = seeding.sample_seeds(batch, "tune", "pathwise", self.seed, it, device=self.device)
+        eps = NoiseStream(device=self.device, seeds=seeds).initial((batch, *self.shape))
+        with torch.set_grad_enabled(grad):
+            sigmas = self.levels()
+            return solve(self.sampler.name, self.D, eps * sigmas[0].to(eps.dtype), sigmas)
+
+    def disc_step(self, fake: Tensor) -> dict:
+        sigma = self.draw_sigma(len(fake))
+        real = self.train_data[torch.randint(len(self.train_data), (len(fake),), generator=self.gen).to(self.device)]
+        loss, diag = discriminator_loss(self.disc, noised(real, sigma, self.gen), noised(fake, sigma, self.gen),
+                                        sigma, sigma)
+        self.disc_opt.zero_grad()
+        loss.backward()
+        self.disc_opt.step()
+        return diag
+
+    def train(self, iterations: int) -> None:
+        tuner = self.tuner
+        if not self.warmed and tuner.disc_warmup > 0:
+            fake = self.samples(-1, grad=False)
+            for _ in range(tuner.disc_warmup):
+                self.disc_step(fake)
+        self.warmed = True
+        for _ in range(iterations):
+            it = self.iteration
+            x = self.samples(it, grad=True)
+            for _ in range(tuner.disc_steps):
+                diag = self.disc_step(x.detach())
+            self.disc.requires_grad_(False)
+            sigma = self.draw_sigma(len(x))
+            loss = generator_loss(self.disc, noised(x, sigma, self.gen), sigma, tuner.reward)
+            self.disc.requires_grad_(True)
+            self.opt.zero_grad()
+            loss.backward()
+            grads = [p.grad.double().pow(2).sum() for p in self.levels.parameters() if p.grad is not None]
+            grad_norm = torch.stack(grads).sum().sqrt() if grads else torch.zeros(())
+            if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"tuner=pathwise: non-finite loss or gradient at iteration {it} "
+                                         f"(loss {float(loss):.3g}); lower tuner.lr")
+            self.opt.step()
+            self.levels.project()
+            with torch.no_grad():
+                self.log_levels.append(self.levels.log_levels().detach().cpu())
+            for key, value in (("loss", loss), ("disc_acc", diag["disc/acc"]), ("logit_fake", diag["disc/logit_fake"]),
+                               ("logit_real", diag["disc/logit_real"]), ("grad_norm", grad_norm)):
+                self.history[key].append(float(value.detach()))
+            self.history["sigma_max"].append(float(self.log_levels[-1][0].exp()))
+            self.iteration += 1
+            if self.iteration % max(1, tuner.iterations // 10) == 0:
+                log.info("pathwise %s: iteration %d/%d, loss %.4f, disc acc %.3f, first level %.3g", self.sampler.name,
+                         self.iteration, tuner.iterations, self.history["loss"][-1], self.history["disc_acc"][-1],
+                         self.history["sigma_max"][-1])
+
+    def result(self) -> Tensor:
+        """The schedule: the mean log-levels of the last ``average`` fraction of the iterations run so far."""
+        if not self.log_levels:
+            return self.start.double()
+        self.kept = max(1, int(round(self.tuner.average * len(self.log_levels))))
+        mean_log = torch.stack(self.log_levels[-self.kept:]).double().mean(0)
+        return torch.cat([mean_log.exp(), mean_log.new_zeros(1)])

@@ -1,0 +1,131 @@
+"""The pathwise f-divergence schedule tuner: the gradient identity it rests on (checked on Gaussians with the exact
+density ratio), its schedule parametrisations, its cost count and its improvement on gmm8."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffusion_irl.data.datamodules import ToyDataModule
+from diffusion_irl.data.toy2d import gmm8
+from diffusion_irl.denoisers.analytic import AnalyticDenoiser
+from diffusion_irl.rl.rewards import Reward
+from diffusion_irl.sampling.noise import NoiseStream
+from diffusion_irl.sampling.samplers import Ancestral, Euler, Heun
+from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
+from diffusion_irl.tuning.grid import selection_scorer
+from diffusion_irl.tuning.pathwise import FreeLevels, KarrasLevels, PathwiseTuner, generator_loss
+from diffusion_irl.tuning.tuners import with_schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _normal_logpdf(x, std):
+    return -0.5 * (x / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+
+
+def _kl(a):
+    """KL(N(0, a^2) || N(0, 1))."""
+    return (a**2 - 1) / 2 - torch.log(a)
+
+
+def _chi2(a):
+    """chi^2(N(0, a^2) || N(0, 1)) = E_p[(q/p)^2] - 1 (a^2 < 2)."""
+    return 1 / (a * torch.sqrt(2 - a**2)) - 1
+
+
+@pytest.mark.parametrize("divergence, exact", [("kl", _kl), ("chi2", _chi2)])
+@pytest.mark.parametrize("a", [0.8, 1.25])
+def test_pathwise_gradient_of_the_reward_is_minus_the_divergence_gradient(divergence, exact, a):
+    """Samples x = a eps of q_a = N(0, a^2); data p = N(0, 1); the exact logit log p - log q_a, frozen at a. Then
+    d/da E[r(logit(x_a))] = -d/da D_f(q_a || p), which is what the tuner's gradient step follows."""
+    a = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+    a_frozen = a.detach()
+    one = torch.tensor(1.0, dtype=torch.float64)
+    disc = lambda x, sigma: (_normal_logpdf(x, one) - _normal_logpdf(x, a_frozen)).squeeze(-1)  # noqa: E731
+    eps = torch.randn(400_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss = generator_loss(disc, a * eps, torch.zeros(len(eps)), Reward(divergence, logit_clip=None))
+    (pathwise,) = torch.autograd.grad(-loss, a)
+    a_exact = a.detach().clone().requires_grad_(True)
+    (true,) = torch.autograd.grad(exact(a_exact), a_exact)
+    assert float(pathwise) == pytest.approx(-float(true), rel=0.03, abs=2e-3)
+
+
+def test_free_levels_start_at_their_schedule_and_stay_decreasing():
+    init = karras_sigmas(7, 0.002, 80.0, 7.0)
+    levels = FreeLevels(init, 0.5, 80.0)
+    assert torch.allclose(levels().detach(), init, rtol=1e-6)
+    with torch.no_grad():
+        levels.gaps.add_(torch.randn(levels.gaps.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3)
+        levels.log_first.fill_(10.0)
+    levels.project()
+    sigmas = levels().detach()
+    assert float(sigmas[0]) == pytest.approx(80.0) and sigmas[-1] == 0 and bool((sigmas.diff() < 0).all())
+
+
+def test_karras_levels_are_the_grids_family():
+    levels = KarrasLevels(6, 0.05, 20.0, 3.0, 0.5, 80.0)
+    assert torch.allclose(levels().detach(), karras_sigmas(6, 0.05, 20.0, 3.0), rtol=1e-9)
+    sigmas = levels()
+    sigmas[2].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in levels.parameters())
+
+
+@pytest.fixture(scope="module")
+def datamodule():
+    dm = ToyDataModule(gmm8(), n_train=4000, n_heldout=4000)
+    dm.setup()
+    return dm
+
+
+def _train_score(dm, sampler, steps, D):
+    _, score = selection_scorer(dm, 2000)
+    x = sampler.sample(D, (2000, 2), steps, NoiseStream(seed=7)).x
+    return score(x, 7)
+
+
+def test_pathwise_tuner_improves_euler_and_counts_its_cost(datamodule):
+    D = AnalyticDenoiser(datamodule.law)
+    tuner = PathwiseTuner(iterations=40, batch=64, disc_warmup=20, starts=[80.0, 10.0], explore=15,
+                          select_samples=200, select_train=500, lr=0.05)
+    result = tuner.tune(Euler(), D, datamodule, 6, seed=0)
+    steps = 6
+    assert result.steps == steps and len(result.sigmas) == steps + 1 and result.sigmas[-1] == 0
+    # two starts: one warm-up batch each, 15 explore steps each, 25 more for the chosen one; 200 selection samples each
+    assert result.cost_nfe == (2 * (1 + 15) + 25) * 64 * 6 + 2 * 200 * 6
+    assert len(result.details["starts"]) == 2 and result.details["selected_start"] in (80.0, 10.0)
+    assert len(result.details["losses"]) == 40
+    tuned = with_schedule(Euler(), SigmaSchedule(result.sigmas.tolist()))
+    assert _train_score(datamodule, tuned, steps, D) < 0.6 * _train_score(datamodule, Euler(), steps, D)
+    json.dumps(result.record())  # the record is plain JSON (no history arrays)
+
+
+def test_pathwise_tuner_warm_starts_from_a_schedule_file(datamodule, tmp_path):
+    D = AnalyticDenoiser(datamodule.law)
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"sigmas": [10.0, 3.0, 1.0, 0.2, 0.0]}))
+    tuner = PathwiseTuner(iterations=3, batch=16, disc_warmup=1, starts=None, init=str(path))
+    result = tuner.tune(Heun(), D, datamodule, 7, seed=0)
+    assert result.details["initial_sigmas"] == pytest.approx([10.0, 3.0, 1.0, 0.2, 0.0])
+    with pytest.raises(ValueError, match="4 steps, but heun at 9 NFE takes 5"):
+        tuner.tune(Heun(), D, datamodule, 9)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(parametrization="spline"), "tuner.parametrization"),
+    (dict(starts=[100.0]), "tuner.starts must lie in"),
+    (dict(disc_sigmas=[]), "tuner.disc_sigmas"),
+    (dict(average=0), "tuner.average"),
+    (dict(discriminator="mlp"), "tuner.discriminator"),
+    (dict(parametrization="karras", init="x.json"), "parametrization=free"),
+])
+def test_bad_pathwise_settings_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PathwiseTuner(**kwargs)
+
+
+def test_pathwise_needs_a_differentiable_solver(datamodule):
+    with pytest.raises(ValueError, match="backpropagates through the solvers"):
+        PathwiseTuner().tune(Ancestral(), AnalyticDenoiser(datamodule.law), datamodule, 6)
