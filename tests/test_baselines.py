@@ -83,6 +83,7 @@ def test_schedules_and_costs_are_written(table):
     assert "| reference |" in md  # the metric's floor beside the table
     for nfe in (5, 8):
         assert (out / "plots" / f"quality_vs_cost_nfe{nfe}.png").stat().st_size > 5_000
+        assert (out / "plots" / f"precision_recall_nfe{nfe}.png").stat().st_size > 5_000
 
 
 @pytest.mark.slow

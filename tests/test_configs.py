@@ -461,7 +461,7 @@ def test_tuner_configs(name, tmp_path):
         assert len(tuner.points()) == 125
 
 
-@pytest.mark.parametrize("name", cover("baselines.yaml", "tuners/all.yaml"))
+@pytest.mark.parametrize("name", cover("baselines.yaml", "tuners/all.yaml", "tuners/divergences.yaml"))
 def test_baselines_and_tuners_configs(name, tmp_path):
     """baselines.yaml composes the shared tuner list (tuners/all.yaml); train.yaml's comparison names it too."""
     from diffusion_irl.tuning.tuners import Tuner
@@ -473,6 +473,11 @@ def test_baselines_and_tuners_configs(name, tmp_path):
         assert isinstance(build(cfg, f"tuners.{tuner}"), Tuner)
     for sampler in [*cfg.baselines.solvers, *cfg.baselines.training_free]:
         build(cfg, f"samplers.{sampler}")
+    divergences = compose_config("baselines", ["tuners=divergences"], output_dir=tmp_path)
+    variants = {name: build(divergences, f"tuners.{name}") for name in divergences.baselines.tuners}
+    assert [v.reward.divergence for k, v in variants.items() if k.startswith("pw_")] == [
+        "reverse_kl", "js", "chi2", "pr", "pr"]
+    assert variants["pw_pr0_25"].reward.lam == 0.25 and variants["pathwise"].reward.divergence == "kl"
     train = compose_config("train", output_dir=tmp_path)
     assert list(train.compare.tuners) == ["grid", "gits", "ld3", "pathwise"]
     assert sorted(train.tuners) == ["gits", "grid", "ld3", "pathwise"]

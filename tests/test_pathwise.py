@@ -120,6 +120,7 @@ def test_pathwise_tuner_warm_starts_from_a_schedule_file(datamodule, tmp_path):
     (dict(average=0), "tuner.average"),
     (dict(discriminator="mlp"), "tuner.discriminator"),
     (dict(parametrization="karras", init="x.json"), "parametrization=free"),
+    (dict(divergence="pr", lam=4.0), "tuner.temperature > 0"),
 ])
 def test_bad_pathwise_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -9,9 +9,14 @@ and held-out data for every row; the tuners never see held-out data. Writes in t
 - ``results.csv`` / ``results.md`` (mean ± std over seeds, then the costs of every tuning: denoiser evaluations
   and wall time beside the held-out distance), ``quality_vs_nfe.png``;
 - ``schedules/<row>_nfe<k>.json`` (each tuned schedule as data) and ``tuning.json`` (every tuning's record);
-- ``plots/quality_vs_cost_nfe<k>.png``: quality against tuning cost, training-free rows at cost 0, with the floor.
+- ``plots/quality_vs_cost_nfe<k>.png``: quality against tuning cost, training-free rows at cost 0, with the floor;
+- ``plots/precision_recall_nfe<k>.png``: every row in the precision / recall plane (the pathwise rows as stars, the
+  reference as a square). With ``tuners=divergences`` (the pathwise tuner once per f-divergence, PR at several
+  lambdas), one command shows where each divergence lands next to every baseline.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import hydra
 import torch
@@ -23,6 +28,7 @@ from diffusion_irl.evaluation import Evaluator, reference_for, scorer_for, summa
 from diffusion_irl.runs import (check_run_dir, compact_table, frozen_denoiser, output_dir, quiet_third_party,
                                 report, warn_unread_additions)
 from diffusion_irl.tuning.baselines import by_budget, costs_by_row, costs_table, impossible, tune_rows
+from diffusion_irl.plots import plot_precision_recall
 from diffusion_irl.tuning.compare import plot_costs
 
 HUGE = 10**9
@@ -93,15 +99,31 @@ def run(cfg: DictConfig) -> dict:
     summary = summarise(rows)
     with open(paths["md"], "a") as f:
         f.write("\n## Costs of the tuned rows\n\nSelected on the training split (the grid's points, GITS's "
-                "coefficient) or matched to the denoiser's own ODE (GITS's paths, LD3), tuning seed "
+                "coefficient), matched to the denoiser's own ODE (GITS's paths, LD3) or trained against the "
+                "training split (pathwise), tuning seed "
                 f"{cfg.seed}; distances on held-out data.\n\n"
                 + costs_table(tuned, summary))
     plots = []
     for nfe in nfes:
         plots.append(plot_costs(costs_by_row(tuned, nfe), summary, nfe, out / "plots" / f"quality_vs_cost_nfe{nfe}.png"))
+        ours = [f"{solver}_{t}" for solver in solvers for t in tuners if tuners[t].name == "pathwise"]
+        pr = precision_recall_plot(summary, nfe, out / "plots" / f"precision_recall_nfe{nfe}.png", ours)
+        plots += [pr] if pr is not None else []
     report(f"{title}\n{compact_table(summary, order)}\ncosts:\n{costs_table(tuned, summary)}full table: "
            f"{paths['md']}; schedules in {out / 'schedules'}; everything is in {out}")
     return {"rows": rows, "tuned": tuned, "paths": paths, "summary": summary, "plots": plots}
+
+
+def precision_recall_plot(summary, nfe: int, path: Path, highlight) -> Path | None:
+    """``plots/precision_recall_nfe<k>.png``: every row at ``nfe`` (and the reference) in the precision / recall
+    plane; None when the metrics have no precision and recall."""
+    points = {}
+    for (name, row_nfe), cells in summary.items():
+        if row_nfe in (nfe, 0) and "precision" in cells and "recall" in cells:
+            points[name] = (cells["recall"][0], cells["recall"][1], cells["precision"][0], cells["precision"][1])
+    if not points:
+        return None
+    return plot_precision_recall(points, path, highlight, title=f"{nfe} NFE")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="baselines")

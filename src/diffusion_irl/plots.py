@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -96,6 +96,29 @@ def plot_quality_vs_cost(points: Mapping[str, tuple[float, float, float]], path:
     ax.set_xscale("log")
     ax.set_xlabel("tuning cost (denoiser evaluations; left edge: training-free)")
     ax.set_ylabel(f"{metric} (lower is better)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_precision_recall(points: Mapping[str, tuple[float, float, float, float]], path: Path,
+                          highlight: Sequence[str] = (), title: str | None = None) -> Path:
+    """Precision against recall, one point per row (``name -> (recall, recall std, precision, precision std)``,
+    means ± std over seeds); rows in ``highlight`` (the trained samplers) are drawn as stars, ``reference`` (two
+    independent real samples: where equal laws land) as a square."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name, (rec, rec_std, prec, prec_std) in points.items():
+        marker = "s" if name == "reference" else "*" if name in highlight else "o"
+        ax.errorbar([rec], [prec], xerr=[rec_std], yerr=[prec_std], fmt=marker, capsize=2,
+                    markersize=10 if marker == "*" else 5)
+        ax.annotate(name, (rec, prec), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("recall (coverage of the data) ↑")
+    ax.set_ylabel("precision (fidelity) ↑")
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -160,6 +160,9 @@ class PathwiseTuner(Tuner):
                              f"{discriminator!r}")
         self.discriminator = discriminator
         self.reward = Reward(divergence, logit_clip, lam, temperature, weighting="terminal")
+        if divergence == "pr" and temperature <= 0:
+            raise ValueError("tuner.divergence=pr: the PR reward is a step in the logit, whose gradient is 0; set "
+                             "tuner.temperature > 0 (e.g. 0.5) to smooth it")
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"tuner.parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if parametrization == "karras" and init not in ("sampler", "karras"):
