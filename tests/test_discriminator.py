@@ -268,3 +268,63 @@ def test_paired_batch_noises_data_at_the_fake_states_sigma():
     assert torch.equal(again.real, batch.real)  # a pure function of the generator
     real, fake2, s_real, s_fake, k_real, k_fake = batch.as_tuple()
     assert torch.equal(s_real, s_fake) and torch.equal(k_real, k_fake)
+
+
+# ---- label-conditional discriminator ----------------------------------------------------------------------------
+def test_label_conditional_discriminator_sees_what_the_label_marginal_hides():
+    """Real: class 0 near -1, class 1 near +1. Fake: the classes swapped. The label-marginals are the same law, so an
+    unconditional discriminator stays at chance; a label-conditional one separates them (conditional log-ratio)."""
+    from diffusion_irl.discriminator.module import discriminator_loss
+
+    g = torch.Generator().manual_seed(0)
+    n = 512
+    labels = torch.randint(2, (n,), generator=g)
+    centre = labels.float() * 2 - 1
+    accuracy = {}
+    for num_classes in (0, 2):
+        torch.manual_seed(0)
+        net = MLPDiscriminator([1], hidden=32, depth=2, emb_dim=16, num_classes=num_classes)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        for _ in range(300):
+            real = (centre + 0.3 * torch.randn(n, generator=g)).unsqueeze(1)
+            fake = (-centre + 0.3 * torch.randn(n, generator=g)).unsqueeze(1)
+            kw = dict(labels_real=labels, labels_fake=labels) if num_classes else {}
+            loss, diag = discriminator_loss(net, real, fake, 0.0, 0.0, **kw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        accuracy[num_classes] = float(diag["disc/acc"])
+    assert accuracy[2] > 0.95 and accuracy[0] < 0.6, accuracy
+
+
+def test_label_conditional_networks_check_their_labels():
+    net = MLPDiscriminator([2], hidden=16, depth=1, emb_dim=8, num_classes=3)
+    x = torch.randn(4, 2)
+    assert net(x, 0.5, torch.tensor([0, 1, 2, 0])).shape == (4,)
+    with pytest.raises(ValueError, match="needs the class labels"):
+        net(x, 0.5)
+    with pytest.raises(ValueError, match="class indices in 0..2"):
+        net(x, 0.5, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match="is unconditional"):
+        MLPDiscriminator([2], hidden=16, depth=1, emb_dim=8)(x, 0.5, torch.zeros(4, dtype=torch.long))
+    cnn = CNNDiscriminator([1, 8, 8], base_channels=8, channel_mults=[1], emb_dim=8, num_classes=10)
+    assert cnn(torch.randn(2, 1, 8, 8), torch.tensor([0.0, 1.0]), torch.tensor([3, 9])).shape == (2,)
+    assert cnn.config["num_classes"] == 10 and net.config["num_classes"] == 3
+
+
+def test_paired_batch_draws_real_points_of_the_same_class():
+    from diffusion_irl.discriminator.module import paired_batch, same_label_indices
+
+    data_labels = torch.tensor([2, 0, 1, 2, 0, 1, 1, 2])
+    data = data_labels.float().unsqueeze(1) * 10  # each point says its class
+    labels = torch.randint(3, (200,), generator=torch.Generator().manual_seed(1))
+    idx = same_label_indices(data_labels, labels, torch.Generator().manual_seed(2))
+    assert torch.equal(data_labels[idx], labels) and len(set(idx.tolist())) == 8  # every point of a class is used
+    fake = torch.zeros(200, 1)
+    batch = paired_batch(data, fake, torch.zeros(200), torch.zeros(200, dtype=torch.long),
+                         torch.Generator().manual_seed(3), data_labels=data_labels, labels=labels)
+    assert torch.equal(batch.real.squeeze(1), labels.float() * 10) and torch.equal(batch.labels, labels)
+    with pytest.raises(ValueError, match=r"no sample of class\(es\) \[3\]"):
+        same_label_indices(data_labels, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="or neither"):
+        paired_batch(data, fake, torch.zeros(200), torch.zeros(200), labels=labels)

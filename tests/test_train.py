@@ -280,7 +280,8 @@ def test_experiment_digits_builds(tmp_path, form="experiment"):
     assert isinstance(build(cfg, "reward"), Reward) and isinstance(build(cfg, "algo"), PPO)
     disc = build(cfg, "discriminator")
     assert isinstance(disc, DiscriminatorModule) and disc.shape == (1, 8, 8)
-    assert disc(torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 10.0])).shape == (3,)
+    assert disc.num_classes == 10  # label-conditional: each class's samples against that class's data
+    assert disc(torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 10.0]), torch.tensor([0, 4, 9])).shape == (3,)
     assert build(cfg, "data").shape == (1, 8, 8)
     for name in cfg.compare.samplers:
         assert build(cfg, f"samplers.{name}").steps_for_budget(mdp.planned_nfe()) is not None
@@ -341,3 +342,35 @@ def test_warm_start_trains_from_the_tuned_schedule(tmp_path, monkeypatch):
 def test_warm_start_names_a_tuner(tmp_path):
     with pytest.raises(ConfigError, match=r"warm_start: must be null or one of the tuners \['gits', 'grid', 'ld3', 'pathwise'\]"):
         train(tmp_path, [*TRAIN_ONLY, "warm_start=nope"])
+
+
+def test_digits_loop_runs_with_a_label_conditional_discriminator(tmp_path, monkeypatch):
+    """Two iterations of the digits experiment (an untrained U-Net stands in for the pretrained one): each visited
+    state is scored by the label-conditional discriminator with its trajectory's label, and the discriminator
+    pairs it with training images of that class."""
+    from diffusion_irl.discriminator.module import DiscriminatorModule
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    original = DiscriminatorModule.forward
+
+    def spy(self, x, sigma, labels=None):
+        seen.append(None if labels is None else labels.clone())
+        return original(self, x, sigma, labels)
+
+    monkeypatch.setattr(DiscriminatorModule, "forward", spy)
+    result = train(tmp_path / "run", ["experiment=digits", "denoiser=unet", "~denoiser.max_steps", *QUIET, "train.iterations=2",
+                                      "system.rollout_batch=16", "system.disc_steps=2", "system.disc_batch=32",
+                                      "system.eval_every=0", "compare.enabled=false"])
+    module = result["module"]
+    assert module.conditional and module.train_labels is not None
+    assert seen and all(labels is not None for labels in seen)
+    # rewards: the 8 steps x 16 trajectories of one rollout, labels repeated step by step (seeds mod 10)
+    scored = [labels for labels in seen if len(labels) == 8 * 16]
+    assert scored and torch.equal(scored[-1][:16], scored[-1][16:32]) and int(scored[-1].max()) < 10
+
+
+def test_label_conditional_discriminator_needs_a_conditional_mdp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ConfigError, ValueError), match="needs a class-conditional MDP"):
+        train(tmp_path / "run", [*TRAIN_ONLY, "train.iterations=1", "discriminator.net.num_classes=3"])

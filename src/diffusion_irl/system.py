@@ -88,6 +88,8 @@ class SamplerPolicyModule(L.LightningModule):
         policy: a knob or transition policy. discriminator: a ``DiscriminatorModule``.
         reward: ``rl.rewards.Reward``. algo: ``rl.ppo.PPO``.
         train_data: training samples [n, *shape] (positives for the discriminator; never the held-out split).
+        train_labels: their classes [n], for a label-conditional discriminator (``discriminator.net.num_classes >
+            0``): each visited state is then compared with training points of its own trajectory's label.
         rollout_batch: trajectories per rank per iteration. disc_steps / disc_batch: K_d and its minibatch size.
         seed: the run's seed. evaluate: optional ``f(module) -> dict`` called on rank 0 every ``eval_every``
             iterations (held-out metrics, plots).
@@ -100,7 +102,8 @@ class SamplerPolicyModule(L.LightningModule):
                  disc_batch: int = 1024, seed: int = 0, eval_every: int = 0,
                  evaluate: Callable[["SamplerPolicyModule"], dict[str, float]] | None = None,
                  max_approx_kl: float | None = 10.0, patience: int = 3, max_policy_param: float | None = 1.0e6,
-                 max_policy_grad_norm: float | None = 1.0e8, disc_patience: int = 10):
+                 max_policy_grad_norm: float | None = 1.0e8, disc_patience: int = 10,
+                 train_labels: Tensor | None = None):
         super().__init__()
         if rollout_batch < 2:
             raise ValueError(f"system.rollout_batch must be >= 2 (advantages need a batch), got {rollout_batch}")
@@ -116,6 +119,21 @@ class SamplerPolicyModule(L.LightningModule):
             if algo.baseline == "value" else None
         self.reward, self.algo = reward, algo
         self.train_data = train_data
+        self.conditional = int(getattr(discriminator, "num_classes", 0)) > 0
+        if self.conditional:
+            if mdp.num_classes <= 0:
+                raise ValueError("a label-conditional discriminator (discriminator.net.num_classes > 0) needs a "
+                                 "class-conditional MDP (mdp.num_classes > 0): the rollouts carry no labels")
+            if discriminator.num_classes != mdp.num_classes:
+                raise ValueError(f"discriminator.net.num_classes={discriminator.num_classes} but "
+                                 f"mdp.num_classes={mdp.num_classes}")
+            if mdp.guidance == "dg":
+                raise ValueError("discriminator guidance (mdp.guidance=dg) takes the gradient of an unconditional "
+                                 "discriminator; set discriminator.net.num_classes=0")
+            if train_labels is None or len(train_labels) != len(train_data):
+                raise ValueError("a label-conditional discriminator needs the training data's labels (train_labels), "
+                                 "one per training sample")
+        self.train_labels = train_labels if self.conditional else None
         self.shape = tuple(train_data.shape[1:])
         self.rollout_batch, self.disc_steps, self.disc_batch = int(rollout_batch), int(disc_steps), int(disc_batch)
         self.seed, self.eval_every, self.evaluate_fn = int(seed), int(eval_every), evaluate
@@ -213,12 +231,14 @@ class SamplerPolicyModule(L.LightningModule):
         fake, sigma = rollout.x_next.flatten(0, 1), rollout.sigma_next.flatten()
         steps, batch = rollout.sigma.shape
         step_index = torch.arange(steps, device=self.device).repeat_interleave(batch)
+        labels = self._labels(rollout)
         rng = self.generator("discriminator")
         self.discriminator.train()
         diag: dict[str, Tensor] = {}
         for _ in range(self.disc_steps):
             chosen = torch.randperm(len(fake), generator=rng)[: self.disc_batch].to(self.device)
-            pairs = paired_batch(self.train_data, fake[chosen], sigma[chosen], step_index[chosen], rng)
+            pairs = paired_batch(self.train_data, fake[chosen], sigma[chosen], step_index[chosen], rng,
+                                 data_labels=self.train_labels, labels=None if labels is None else labels[chosen])
             loss, diag = self.discriminator.batch_loss(pairs, num_steps=steps)
             self.check_finite("discriminator loss", loss)
             optimizer.zero_grad(set_to_none=True)
@@ -226,12 +246,21 @@ class SamplerPolicyModule(L.LightningModule):
             optimizer.step()
         return diag
 
+    def _labels(self, rollout: Rollout) -> Tensor | None:
+        """The class of every visited state, step-major [N * B] like ``x_next.flatten(0, 1)`` (label-conditional
+        discriminator only; None otherwise)."""
+        if not self.conditional:
+            return None
+        return rollout.labels.to(self.device).repeat(rollout.steps)
+
     @torch.no_grad()
     def score_rollout(self, rollout: Rollout) -> Scores:
         """Stage 3a: the updated discriminator's logits of every visited state and the rewards [N, B]."""
         self.discriminator.eval()
         fake, sigma = rollout.x_next.flatten(0, 1), rollout.sigma_next.flatten()
-        logits = torch.cat([self.discriminator(fake[i:i + LOGIT_CHUNK], sigma[i:i + LOGIT_CHUNK])
+        labels = self._labels(rollout)
+        logits = torch.cat([self.discriminator(fake[i:i + LOGIT_CHUNK], sigma[i:i + LOGIT_CHUNK],
+                                               None if labels is None else labels[i:i + LOGIT_CHUNK])
                             for i in range(0, len(fake), LOGIT_CHUNK)]).view_as(rollout.sigma)
         rewards = self.reward(logits) - self.reward.nfe_cost * rollout.nfe
         self.check_finite("rewards", rewards)

@@ -245,9 +245,11 @@ def build_denoiser(cfg: DictConfig, parts: dict) -> dict:
 
 def build_system(cfg: DictConfig, parts: dict, evaluate) -> SamplerPolicyModule:
     """The ``system:`` node with the built parts."""
+    conditional = parts["discriminator"].num_classes > 0
     return build(cfg, "system", denoiser=parts["denoiser"], mdp=parts["mdp"], policy=parts["policy"],
                  discriminator=parts["discriminator"], reward=parts["reward"], algo=parts["algo"],
-                 train_data=parts["data"].train_samples(), evaluate=evaluate)
+                 train_data=parts["data"].train_samples(), evaluate=evaluate,
+                 train_labels=parts["data"].train_labels() if conditional else None)
 
 
 def fit(cfg: DictConfig, module: SamplerPolicyModule, logger, ckpt_path: str | None = None) -> L.Trainer:

@@ -40,20 +40,44 @@ class DiscriminatorBatch:
     fake: Tensor
     sigma: Tensor
     step: Tensor
+    labels: Tensor | None = None   # [B] the class of both the fake state and its real partner (label-conditional)
 
     def as_tuple(self) -> tuple[Tensor, ...]:
         """``(real, fake, sigma_real, sigma_fake, step_real, step_fake)``, the standalone training batch."""
         return self.real, self.fake, self.sigma, self.sigma.clone(), self.step, self.step.clone()
 
 
-def paired_batch(data: Tensor, fake: Tensor, sigma: Tensor, step: Tensor,
-                 generator: torch.Generator | None = None) -> DiscriminatorBatch:
+def same_label_indices(data_labels: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """For each entry of ``labels`` [B], a uniformly random index of ``data_labels`` holding the same class (a
+    ``ValueError`` names a class the data do not hold)."""
+    data_labels = data_labels.reshape(-1).long().cpu()
+    order = torch.argsort(data_labels, stable=True)
+    num = int(max(int(data_labels.max()), int(labels.max())) + 1) if len(labels) else 1
+    counts = torch.bincount(data_labels, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    wanted = labels.reshape(-1).long().cpu()
+    missing = sorted({int(c) for c in wanted[counts[wanted] == 0]})
+    if missing:
+        raise ValueError(f"the training data hold no sample of class(es) {missing}")
+    u = torch.rand(len(wanted), generator=generator)
+    return order[starts[wanted] + (u * counts[wanted]).long().clamp(max=counts[wanted] - 1)]
+
+
+def paired_batch(data: Tensor, fake: Tensor, sigma: Tensor, step: Tensor, generator: torch.Generator | None = None,
+                 data_labels: Tensor | None = None, labels: Tensor | None = None) -> DiscriminatorBatch:
     """Pair each fake state with a random point of ``data`` (the training split) forward-noised at the fake
-    state's sigma, so both classes hold the same noise levels. The random draws come from ``generator`` on the
-    data's device; the batch lands on the fake states' device."""
-    idx = torch.randint(len(data), (len(fake),), generator=generator)
+    state's sigma, so both classes hold the same noise levels; with ``labels`` (the fake states' classes) and
+    ``data_labels``, a point of the same class. The random draws come from ``generator`` on the data's device; the
+    batch lands on the fake states' device."""
+    if (labels is None) != (data_labels is None):
+        raise ValueError("give both the fake states' labels and the data's labels, or neither")
+    if labels is None:
+        idx = torch.randint(len(data), (len(fake),), generator=generator)
+    else:
+        idx = same_label_indices(data_labels, labels, generator)
     real = forward_noise(data[idx.to(data.device)], sigma.to(data.device), generator).to(fake.device)
-    return DiscriminatorBatch(real=real, fake=fake, sigma=sigma, step=step)
+    return DiscriminatorBatch(real=real, fake=fake, sigma=sigma, step=step,
+                              labels=None if labels is None else labels.to(fake.device))
 
 
 def _per_step_mean(values: Tensor, step: Tensor, num_steps: int) -> tuple[Tensor, Tensor]:
@@ -79,13 +103,14 @@ def _balanced(values: Tensor, step: Tensor | None, num_steps: int | None) -> Ten
 
 def discriminator_loss(net: nn.Module, real: Tensor, fake: Tensor, sigma_real: float | Tensor,
                        sigma_fake: float | Tensor, step_real: Tensor | None = None, step_fake: Tensor | None = None,
-                       num_steps: int | None = None, r1_gamma: float = 0.0) -> tuple[Tensor, dict[str, Any]]:
+                       num_steps: int | None = None, r1_gamma: float = 0.0, labels_real: Tensor | None = None,
+                       labels_fake: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
     """Logistic loss ``softplus(-l)`` on real, ``softplus(l)`` on fake, each class weighing one half.
 
     With step indices ([B] long, values ``0..num_steps-1``; ``num_steps`` defaults to the largest index + 1), each
     class's loss is first averaged within each step, then over the steps present: every step and every class weighs
     the same, however many samples each holds. ``r1_gamma > 0`` adds ``r1_gamma / 2 * E_real ||grad_x l||^2``
-    (balanced per step like the loss). Returns ``(loss, diag)``, diag holding detached scalars ``disc/loss``,
+    (balanced per step like the loss). ``labels_real`` / ``labels_fake`` [B] go to a label-conditional network. Returns ``(loss, diag)``, diag holding detached scalars ``disc/loss``,
     ``disc/acc`` (fraction of real + fake samples on the right side of 0), ``disc/logit_real``, ``disc/logit_fake``,
     ``disc/r1`` (when used) and, with steps, ``disc/acc_per_step`` [num_steps] (NaN where a step is absent).
     """
@@ -97,7 +122,12 @@ def discriminator_loss(net: nn.Module, real: Tensor, fake: Tensor, sigma_real: f
         num_steps = int(max(step_real.max(), step_fake.max())) + 1
     if r1_gamma > 0:
         real = real.detach().requires_grad_(True)
-    logit_real, logit_fake = net(real, sigma_real), net(fake, sigma_fake)
+    if (labels_real is None) != (labels_fake is None):
+        raise ValueError("give labels for both real and fake samples, or for neither")
+    if labels_real is None:
+        logit_real, logit_fake = net(real, sigma_real), net(fake, sigma_fake)
+    else:
+        logit_real, logit_fake = net(real, sigma_real, labels_real), net(fake, sigma_fake, labels_fake)
     loss = 0.5 * (_balanced(F.softplus(-logit_real), step_real, num_steps)
                   + _balanced(F.softplus(logit_fake), step_fake, num_steps))
     diag: dict[str, Any] = {}
@@ -148,19 +178,26 @@ class DiscriminatorModule(L.LightningModule):
     def shape(self) -> tuple[int, ...] | None:
         return getattr(self.net, "shape", None)
 
-    def forward(self, x: Tensor, sigma: float | Tensor) -> Tensor:
-        return self.net(x, sigma)
+    @property
+    def num_classes(self) -> int:
+        """Classes of a label-conditional network (0: unconditional)."""
+        return int(getattr(self.net, "num_classes", 0))
+
+    def forward(self, x: Tensor, sigma: float | Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.net(x, sigma) if labels is None else self.net(x, sigma, labels)
 
     def batch_loss(self, batch: DiscriminatorBatch, num_steps: int | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """:meth:`loss` of a :class:`DiscriminatorBatch` (per-step balanced)."""
-        return self.loss(batch.real, batch.fake, batch.sigma, batch.sigma, batch.step, batch.step, num_steps)
+        """:meth:`loss` of a :class:`DiscriminatorBatch` (per-step balanced; its labels, when it has them)."""
+        return self.loss(batch.real, batch.fake, batch.sigma, batch.sigma, batch.step, batch.step, num_steps,
+                         labels_real=batch.labels, labels_fake=batch.labels)
 
     def loss(self, real: Tensor, fake: Tensor, sigma_real: float | Tensor, sigma_fake: float | Tensor,
              step_real: Tensor | None = None, step_fake: Tensor | None = None, num_steps: int | None = None,
-             r1_gamma: float | None = None) -> tuple[Tensor, dict[str, Any]]:
+             r1_gamma: float | None = None, labels_real: Tensor | None = None,
+             labels_fake: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """:func:`discriminator_loss` of this network (``r1_gamma`` defaults to the module's)."""
         return discriminator_loss(self.net, real, fake, sigma_real, sigma_fake, step_real, step_fake, num_steps,
-                                  self.r1_gamma if r1_gamma is None else r1_gamma)
+                                  self.r1_gamma if r1_gamma is None else r1_gamma, labels_real, labels_fake)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)

@@ -9,6 +9,11 @@ terminal state). The noise level enters as Fourier features of ``log(max(sigma, 
 one network sees inputs of unit scale from sigma = 80 down to 0. ``spectral_norm=True`` wraps every linear and
 convolution layer with :func:`torch.nn.utils.parametrizations.spectral_norm`. Each network keeps its constructor
 arguments in ``self.config`` (with ``_target_``) so a checkpoint can rebuild it.
+
+With ``num_classes > 0`` a network is label-conditional: ``d(x, sigma, labels)``, a class embedding added to the
+noise embedding, trained on real and fake samples of the same label, so that its optimum is the conditional
+log-ratio ``log q_sigma(x | y) - log p_sigma(x | y)`` (a class-conditional sampler must match every class, not only
+the label-marginal).
 """
 from __future__ import annotations
 
@@ -32,30 +37,47 @@ def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
 class _NoiseConditional(nn.Module):
     """Shared parts: argument checks, the layer factory (spectral norm or not), input scaling, sigma embedding."""
 
-    def __init__(self, shape: Sequence[int], emb_dim: int, spectral_norm: bool, sigma_floor: float, sigma_data: float):
+    def __init__(self, shape: Sequence[int], emb_dim: int, spectral_norm: bool, sigma_floor: float, sigma_data: float,
+                 num_classes: int = 0):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if sigma_floor <= 0 or sigma_data <= 0 or emb_dim <= 0:
             raise ValueError(f"discriminator needs sigma_floor > 0, sigma_data > 0, emb_dim > 0; got {sigma_floor}, "
                              f"{sigma_data}, {emb_dim}")
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+            raise ValueError(f"discriminator.net.num_classes must be an integer >= 0, got {num_classes}")
         self.spectral_norm, self.sigma_floor, self.sigma_data = bool(spectral_norm), float(sigma_floor), float(sigma_data)
+        self.num_classes = int(num_classes)
         self.fourier = FourierEmbedding(emb_dim)
         self.emb = nn.Sequential(self.layer(nn.Linear(emb_dim, emb_dim)), nn.SiLU(),
                                  self.layer(nn.Linear(emb_dim, emb_dim)), nn.SiLU())
+        # label-conditional: the class embedding joins the noise embedding (logit = log q(x | y) - log p(x | y))
+        self.label_emb = nn.Embedding(self.num_classes, emb_dim) if self.num_classes > 0 else None
 
     def layer(self, module: nn.Module) -> nn.Module:
         return _spectral_norm(module) if self.spectral_norm else module
 
-    def inputs(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
-        """``(c_in(sigma) x, emb(sigma))`` in the network's dtype."""
+    def inputs(self, x: Tensor, sigma: float | Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(c_in(sigma) x, emb(sigma) [+ emb(label)])`` in the network's dtype. A label-conditional network
+        (``num_classes > 0``) needs ``labels`` [B]; an unconditional one refuses them."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"{type(self).__name__} expects x of shape [B, {', '.join(map(str, self.shape))}], "
                              f"got {tuple(x.shape)}")
+        if (labels is None) != (self.label_emb is None):
+            raise ValueError(f"{type(self).__name__} with num_classes={self.num_classes} "
+                             + ("needs the class labels of the samples" if labels is None else
+                                "is unconditional: it takes no labels (set discriminator.net.num_classes)"))
         s = batch_sigma(sigma, x)
         dtype = _param_dtype(self, x.dtype)
         x_in = x * append_dims((s**2 + self.sigma_data**2).rsqrt(), x.ndim)
         c_noise = s.clamp(min=self.sigma_floor).log() / 4
-        return x_in.to(dtype), self.emb(self.fourier(c_noise).to(dtype))
+        emb = self.fourier(c_noise).to(dtype)
+        if labels is not None:
+            labels = labels.to(x.device).long().reshape(-1)
+            if len(labels) != len(x) or (len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes)):
+                raise ValueError(f"labels must be {len(x)} class indices in 0..{self.num_classes - 1}")
+            emb = emb + self.label_emb(labels).to(dtype)
+        return x_in.to(dtype), self.emb(emb)
 
 
 class MLPDiscriminator(_NoiseConditional):
@@ -70,15 +92,15 @@ class MLPDiscriminator(_NoiseConditional):
     """
 
     def __init__(self, shape: int | Sequence[int], hidden: int = 128, depth: int = 3, emb_dim: int = 32,
-                 spectral_norm: bool = False, sigma_floor: float = 1e-3, sigma_data: float = 1.0):
+                 spectral_norm: bool = False, sigma_floor: float = 1e-3, sigma_data: float = 1.0, num_classes: int = 0):
         shape = [int(shape)] if isinstance(shape, int) else [int(s) for s in shape]
         if len(shape) != 1 or shape[0] <= 0 or hidden <= 0 or depth < 1:
             raise ValueError(f"MLPDiscriminator needs a vector shape [d], hidden > 0, depth >= 1; got {shape}, "
                              f"{hidden}, {depth}")
-        super().__init__(shape, emb_dim, spectral_norm, sigma_floor, sigma_data)
+        super().__init__(shape, emb_dim, spectral_norm, sigma_floor, sigma_data, num_classes)
         self.config = dict(_target_=f"{__name__}.MLPDiscriminator", shape=shape, hidden=hidden, depth=depth,
                            emb_dim=emb_dim, spectral_norm=bool(spectral_norm), sigma_floor=float(sigma_floor),
-                           sigma_data=float(sigma_data))
+                           sigma_data=float(sigma_data), num_classes=self.num_classes)
         lin = lambda i, o: self.layer(nn.Linear(i, o))  # noqa: E731
         self.inp = lin(shape[0], hidden)
         self.fc1 = nn.ModuleList(lin(hidden, hidden) for _ in range(depth))
@@ -86,8 +108,8 @@ class MLPDiscriminator(_NoiseConditional):
         self.fc2 = nn.ModuleList(lin(hidden, hidden) for _ in range(depth))
         self.out = lin(hidden, 1)
 
-    def forward(self, x: Tensor, sigma: float | Tensor) -> Tensor:
-        x_in, emb = self.inputs(x, sigma)
+    def forward(self, x: Tensor, sigma: float | Tensor, labels: Tensor | None = None) -> Tensor:
+        x_in, emb = self.inputs(x, sigma, labels)
         h = self.inp(x_in)
         for fc1, proj, fc2 in zip(self.fc1, self.proj, self.fc2):
             h = h + fc2(F.silu(fc1(F.silu(h)) + proj(emb)))
@@ -110,16 +132,17 @@ class CNNDiscriminator(_NoiseConditional):
 
     def __init__(self, shape: Sequence[int], base_channels: int = 32, channel_mults: Sequence[int] = (1, 2),
                  emb_dim: int = 64, spectral_norm: bool = False, sigma_floor: float = 1e-3, sigma_data: float = 1.0,
-                 pool: int = 4):
+                 pool: int = 4, num_classes: int = 0):
         shape = [int(s) for s in shape]
         channel_mults = [int(m) for m in channel_mults]
         if len(shape) != 3 or min(shape) <= 0 or base_channels <= 0 or not channel_mults or pool < 1:
             raise ValueError(f"CNNDiscriminator needs shape [C, H, W], base_channels > 0, a non-empty channel_mults "
                              f"and pool >= 1; got {shape}, {base_channels}, {channel_mults}, {pool}")
-        super().__init__(shape, emb_dim, spectral_norm, sigma_floor, sigma_data)
+        super().__init__(shape, emb_dim, spectral_norm, sigma_floor, sigma_data, num_classes)
         self.config = dict(_target_=f"{__name__}.CNNDiscriminator", shape=shape, base_channels=base_channels,
                            channel_mults=channel_mults, emb_dim=emb_dim, spectral_norm=bool(spectral_norm),
-                           sigma_floor=float(sigma_floor), sigma_data=float(sigma_data), pool=pool)
+                           sigma_floor=float(sigma_floor), sigma_data=float(sigma_data), pool=pool,
+                           num_classes=self.num_classes)
         conv = lambda i, o, k=3, stride=1: self.layer(nn.Conv2d(i, o, k, stride=stride, padding=k // 2))  # noqa: E731
         self.conv_in = conv(shape[0], base_channels)
         self.levels = nn.ModuleList()
@@ -136,8 +159,8 @@ class CNNDiscriminator(_NoiseConditional):
         self.fc_emb = self.layer(nn.Linear(emb_dim, ch))
         self.out = self.layer(nn.Linear(ch, 1))
 
-    def forward(self, x: Tensor, sigma: float | Tensor) -> Tensor:
-        x_in, emb = self.inputs(x, sigma)
+    def forward(self, x: Tensor, sigma: float | Tensor, labels: Tensor | None = None) -> Tensor:
+        x_in, emb = self.inputs(x, sigma, labels)
         h = self.conv_in(x_in)
         for lvl in self.levels:
             h = lvl["skip"](h)
