@@ -22,12 +22,16 @@ with the exact ratio), so it is a low-variance alternative to the policy gradien
 - ``karras``: three numbers ``(log sigma_max, log sigma_min, log rho)`` of the Karras family the grid searches
   (``tuning.grid``), started at ``init_*``: the grid's space searched by gradient.
 
-``s_0`` stays in ``[sigma_low, sigma_high]``. The returned schedule is the average of the log-levels over the last
-``average`` fraction of the iterations (Polyak averaging against the discriminator's noise).
+``s_0`` stays in ``[sigma_low, sigma_high]``. A schedule is read off as the average of the log-levels over the last
+``average`` fraction of the iterations (Polyak averaging against the discriminator's noise). The starts run
+``explore`` iterations each; the best on the training split goes on, and its schedule is scored again every
+``select_every`` iterations and at the end: the best of these checkpoints is returned (the adversarial objective
+is not the evaluator's distance, and a run can drift past its best point).
 
-Cost: ``(disc_warmup + iterations) x batch x NFE`` forward denoiser evaluations, every call counted by the
-:class:`~diffusion_irl.tuning.tuners.EvaluationCounter`; like LD3's, the backward passes (about twice a forward
-pass each) are not counted separately.
+Cost: ``starts x (explore + 1) x batch x NFE + (iterations - explore) x batch x NFE`` forward denoiser evaluations
+for the samples, plus ``select_samples x NFE`` per training-split score (one per start, one per checkpoint); every
+call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`. Like LD3's, the backward passes
+(about twice a forward pass each) are not counted separately.
 """
 from __future__ import annotations
 
@@ -141,8 +145,13 @@ class PathwiseTuner(Tuner):
         disc_lr, disc_steps, disc_warmup: the discriminator's Adam step size, its steps per iteration (on the
             iteration's samples and fresh training points), and its steps on the starting schedule's samples first.
         disc_sigmas: the noise levels both classes are compared at (each sample draws one).
-        average: the fraction of the last iterations whose log-levels are averaged into the result.
+        average: the fraction of the last iterations whose log-levels are averaged into a checkpoint's schedule.
         num_train: training points the real class is drawn from.
+        starts: first levels of the Karras starts (``init_sigma_min``, ``init_rho``); null: one start at ``init``.
+        explore: iterations of every start before the best one (training-split score) goes on.
+        select_every: the chosen start's schedule is scored on the training split every this many iterations
+            and at the end; the best checkpoint (the starts' choice included) is returned (0: the final one).
+        select_samples, select_train: samples per score, training points they are scored against.
     """
 
     name = "pathwise"
@@ -153,8 +162,8 @@ class PathwiseTuner(Tuner):
                  sigma_low: float = 0.5, sigma_high: float = 80.0, iterations: int = 150, batch: int = 128,
                  lr: float = 0.03, disc_lr: float = 1e-3, disc_steps: int = 2, disc_warmup: int = 50,
                  disc_sigmas: Sequence[float] = (0.0, 0.02, 0.05), average: float = 0.25, num_train: int = 20000,
-                 starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_samples: int = 1000,
-                 select_train: int = 2000, feature_cache: str | None = None):
+                 starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_every: int = 30,
+                 select_samples: int = 1000, select_train: int = 2000, feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator == "auto"):
             raise ValueError("tuner.discriminator must be auto or build an nn.Module (a _target_ network), got "
                              f"{discriminator!r}")
@@ -198,6 +207,7 @@ class PathwiseTuner(Tuner):
                 raise ValueError("tuner.starts are Karras starts; a schedule file (tuner.init) is one start: "
                                  "set tuner.starts=null")
         self.explore = positive_int(explore, "tuner.explore")
+        self.select_every = positive_int(select_every, "tuner.select_every", 0)
         self.select_samples = positive_int(select_samples, "tuner.select_samples", 2)
         self.select_train = positive_int(select_train, "tuner.select_train", 2)
         self.feature_cache = feature_cache
@@ -208,7 +218,7 @@ class PathwiseTuner(Tuner):
                 "batch": self.batch, "lr": self.lr, "disc_lr": self.disc_lr, "disc_steps": self.disc_steps,
                 "disc_warmup": self.disc_warmup, "disc_sigmas": self.disc_sigmas, "average": self.average,
                 "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
-                "select_samples": self.select_samples}
+                "select_every": self.select_every, "select_samples": self.select_samples}
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
@@ -256,32 +266,56 @@ class PathwiseTuner(Tuner):
 
     def _tune(self, sampler, D, datamodule, steps, seed, device):
         datamodule.setup()
+        shape = tuple(datamodule.shape)
         train = datamodule.train_samples(min(self.num_train, len(datamodule.train_samples()))).to(device)
         gen = seeding.generator("tune", "pathwise", seed)
         firsts = self.starts or [None]
-        runs = [_Run(self, sampler, D, train, tuple(datamodule.shape), self.levels(sampler, steps, first),
-                     self.network(datamodule), gen, seed, device) for first in firsts]
-        explore = min(self.explore, self.iterations) if len(runs) > 1 else self.iterations
-        for run in runs:
-            run.train(explore)
-        details: dict = {}
+        runs = [_Run(self, sampler, D, train, shape, self.levels(sampler, steps, first), self.network(datamodule),
+                     gen, seed, device) for first in firsts]
+        scoring = len(runs) > 1 or self.select_every > 0
+        metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache) if scoring else (None, None)
+        noise_seed = seeding.derive_seed("tune", "pathwise", "select", seed)
+
+        def scores(schedules: list[Tensor]) -> list[float]:
+            """Training-split scores of ``schedules`` (the same noise for each; the samples are counted by D)."""
+            candidates = [(i, with_schedule(sampler, SigmaSchedule(s.tolist()))) for i, s in enumerate(schedules)]
+            out, _ = mean_scores(candidates, D, shape, steps, self.select_samples, [noise_seed], 4096, device, score)
+            return [value for _, value in out]
+
+        explore = min(self.explore, self.iterations) if len(runs) > 1 else 0
+        details: dict = {"select_metric": metric}
+        checkpoints: list[tuple[int, Tensor, float]] = []  # (iteration, schedule, training-split score)
         if len(runs) > 1:
-            metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache)
-            noise_seed = seeding.derive_seed("tune", "pathwise", "select", seed)
-            candidates = [(i, with_schedule(sampler, SigmaSchedule(run.result().tolist()))) for i, run in enumerate(runs)]
-            scores, _ = mean_scores(candidates, D, tuple(datamodule.shape), steps, self.select_samples, [noise_seed],
-                                    4096, device, score)  # the cost is counted by D
-            finite = [p for p in scores if math.isfinite(p[1])]
+            for run in runs:
+                run.train(explore)
+            results = [run.result() for run in runs]
+            values = scores(results)
+            finite = [i for i, v in enumerate(values) if math.isfinite(v)]
             if not finite:
                 raise RuntimeError("tuner=pathwise: every start's samples scored NaN / inf")
-            best = min(finite, key=lambda p: p[1])[0]
-            details["starts"] = [{"first_level": first, "score": sc, "sigmas": [float(v) for v in runs[i].result()]}
-                                 for (i, sc), first in zip(scores, firsts)]
-            details["selected_start"], details["select_metric"] = firsts[best], metric
+            best = min(finite, key=lambda i: values[i])
+            details["starts"] = [{"first_level": first, "score": v, "sigmas": [float(x) for x in r]}
+                                 for first, v, r in zip(firsts, values, results)]
+            details["selected_start"] = firsts[best]
             runs = [runs[best]]
-        run = runs[0]
-        run.train(self.iterations - explore)
-        sigmas = run.result()
+            checkpoints.append((explore, results[best], values[best]))
+        run, remaining = runs[0], self.iterations - explore
+        while remaining > 0:
+            chunk = min(self.select_every or remaining, remaining)
+            run.train(chunk)
+            remaining -= chunk
+            if self.select_every:
+                result = run.result()
+                checkpoints.append((run.iteration, result, scores([result])[0]))
+        if self.select_every:
+            finite = [c for c in checkpoints if math.isfinite(c[2])]
+            if not finite:
+                raise RuntimeError("tuner=pathwise: every checkpoint's samples scored NaN / inf")
+            iteration, sigmas, _ = min(finite, key=lambda c: c[2])
+            details["checkpoints"] = [{"iteration": it, "score": v} for it, _, v in checkpoints]
+            details["selected_iteration"] = iteration
+        else:
+            sigmas = run.result()
         return sigmas, {**details, "initial_sigmas": [float(v) for v in run.start], "averaged_iterations": run.kept,
                         "final_loss": run.history["loss"][-1], "final_disc_acc": run.history["disc_acc"][-1],
                         "losses": run.history["loss"], "history": run.history}
