@@ -215,3 +215,37 @@ def test_compact_terminal_table_holds_the_few_numbers_that_matter():
     assert "nll" not in table and max(len(line) for line in lines) <= 100  # fits a normal terminal
     assert lines[2].split()[:3] == ["tuned", "10", "0.0055"] and lines[2].endswith("3.07e+05")
     assert lines[3].split()[:2] == ["reference", "–"]
+
+
+def test_every_row_samples_the_same_classes_from_the_same_seeds():
+    """A class-conditional denoiser: a training-free sampler gets class ``seed mod num_classes`` for each sample
+    (whatever the chunking), exactly the classes the sampling MDP draws for the policy rows; so the rows of one
+    table share their conditioning."""
+    import torch
+    from torch import nn
+
+    from diffusion_irl.evaluation import generate
+    from diffusion_irl.mdp.env import PolicySampler, SamplingMDP
+    from diffusion_irl.mdp.actions import Knob
+    from diffusion_irl.mdp.policies import KnobPolicy
+    from diffusion_irl.sampling.samplers import Euler
+    from diffusion_irl import seeding
+
+    class LabelEcho(nn.Module):
+        """Denoises every sample to its class index (so the final sample says which class it was given)."""
+        num_classes = 3
+
+        def forward(self, x, sigma, labels=None):
+            assert labels is not None, "the evaluator passed no labels to a conditional denoiser"
+            return labels.to(x.dtype).view(-1, 1).expand_as(x)
+
+    seeds = seeding.sample_seeds(10, "evaluate", 5)
+    expected = torch.remainder(seeds, 3).float()
+    for batch in (10, 4):
+        x, _ = generate(Euler(), LabelEcho(), (1,), 4, 10, seed=5, batch_size=batch)
+        torch.testing.assert_close(x.squeeze(1), expected)  # the last Euler step lands on D(x, sigma) = the label
+    mdp = SamplingMDP(Euler(), steps=4, num_classes=3)
+    policy = KnobPolicy({"step": Knob("step", low=-0.5, high=0.5)})
+    mdp.setup_policy(policy, (1,))
+    x, _ = generate(PolicySampler(mdp, policy), LabelEcho(), (1,), 4, 10, seed=5, batch_size=4)
+    torch.testing.assert_close(x.squeeze(1), expected)

@@ -57,6 +57,38 @@ class Run:
     metrics: dict[str, float]  # includes sample_seconds (sampling time) for sampler rows
 
 
+class SampleLabels(torch.nn.Module):
+    """A class-conditional denoiser bound to the labels of one chunk of samples: ``D(x, sigma)`` calls
+    ``D(x, sigma, labels)`` (a call that passes its own labels goes through unchanged)."""
+
+    def __init__(self, denoiser: Callable, labels: Tensor):
+        super().__init__()
+        self.denoiser, self.labels = denoiser, labels
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.denoiser, "num_classes", 0) or 0)
+
+    def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
+        if args or kwargs:
+            return self.denoiser(x, sigma, *args, **kwargs)
+        if len(x) != len(self.labels):
+            raise RuntimeError(f"a chunk of {len(self.labels)} labelled samples got a denoiser call on {len(x)} rows")
+        return self.denoiser(x, sigma, self.labels)
+
+
+def conditioned(denoiser: Callable, sampler: Sampler, seeds: Tensor) -> Callable:
+    """The denoiser the evaluator hands ``sampler`` for the samples of per-sample ``seeds``. A class-conditional
+    denoiser (``num_classes > 0``) gets sample ``i``'s class ``seeds[i] mod num_classes``: the rule of the sampling
+    MDP (``SamplingMDP.labels_for``), so every row of a table, trained or training-free, samples the same classes
+    from the same seeds whatever the chunking. Samplers that draw these labels themselves (``labels_from_seeds``:
+    the MDP's policy sampler) and unconditional denoisers get ``denoiser`` unchanged."""
+    classes = int(getattr(denoiser, "num_classes", 0) or 0)
+    if classes <= 0 or getattr(sampler, "labels_from_seeds", False):
+        return denoiser
+    return SampleLabels(denoiser, torch.remainder(seeds, classes).long())
+
+
 def generate(sampler: Sampler, denoiser: Callable, shape: Sequence[int], steps: int, num_samples: int, seed: int,
              batch_size: int, device: torch.device | str = "cpu") -> tuple[Tensor, int]:
     """Draw ``num_samples`` samples in chunks of ``batch_size``. Sample ``i`` draws its initial and per-step noise
@@ -68,7 +100,7 @@ def generate(sampler: Sampler, denoiser: Callable, shape: Sequence[int], steps: 
     per_sample = seeding.sample_seeds(num_samples, "evaluate", seed, device=device)
     for start in range(0, num_samples, batch_size):
         noise = NoiseStream(device=device, seeds=per_sample[start:start + batch_size])
-        res = sampler.sample(denoiser, (len(noise.seeds), *shape), steps, noise)
+        res = sampler.sample(conditioned(denoiser, sampler, noise.seeds), (len(noise.seeds), *shape), steps, noise)
         if nfe is not None and res.nfe != nfe and not getattr(sampler, "variable_nfe", False):
             raise RuntimeError(f"{sampler.name}: chunks used different NFE ({nfe} vs {res.nfe})")
         nfe = res.nfe if nfe is None else max(nfe, res.nfe)  # samplers with per-sample NFE (renoise): the largest
@@ -109,7 +141,7 @@ def _sample_chunks(sampler: Sampler, denoiser: Callable, shape: Sequence[int], s
     for c in range(rank, math.ceil(num_samples / batch_size), world):
         t0 = time.perf_counter()
         noise = NoiseStream(device=device, seeds=per_sample[c * batch_size:(c + 1) * batch_size])
-        res = sampler.sample(denoiser, (len(noise.seeds), *shape), steps, noise)
+        res = sampler.sample(conditioned(denoiser, sampler, noise.seeds), (len(noise.seeds), *shape), steps, noise)
         x = res.x.detach().float()
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)

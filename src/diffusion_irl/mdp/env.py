@@ -368,6 +368,7 @@ class PolicySampler(Sampler):
         super().__init__(mdp.base.schedule)
         self.variable_nfe = "renoise" in policy.names
         self.mdp, self.policy, self.name, self.discriminator = mdp, policy, name, discriminator
+        self.labels_from_seeds = mdp.num_classes > 0  # the MDP draws class seed mod num_classes itself
         self.deterministic = policy.eval_mode == "deterministic" if deterministic is None else deterministic
 
     def planned_nfe(self, steps: int) -> int:

@@ -35,6 +35,11 @@ class NFECounter(nn.Module):
         super().__init__()
         self.denoiser, self.nfe = denoiser, 0
 
+    @property
+    def num_classes(self) -> int:
+        """The wrapped denoiser's classes (0: unconditional)."""
+        return int(getattr(self.denoiser, "num_classes", 0) or 0)
+
     def forward(self, x: Tensor, sigma: Tensor, *args, **kwargs) -> Tensor:
         self.nfe += 1
         return self.denoiser(x, sigma, *args, **kwargs)
