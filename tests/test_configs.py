@@ -476,8 +476,8 @@ def test_baselines_and_tuners_configs(name, tmp_path):
     divergences = compose_config("baselines", ["tuners=divergences"], output_dir=tmp_path)
     variants = {name: build(divergences, f"tuners.{name}") for name in divergences.baselines.tuners}
     assert [v.reward.divergence for k, v in variants.items() if k.startswith("pw_")] == [
-        "reverse_kl", "js", "chi2", "pr", "pr"]
-    assert variants["pw_pr0_25"].reward.lam == 0.25 and variants["pathwise"].reward.divergence == "kl"
+        "reverse_kl", "kl", "chi2", "pr", "pr"]
+    assert variants["pw_pr0_25"].reward.lam == 0.25 and variants["pathwise"].reward.divergence == "js"
     train = compose_config("train", output_dir=tmp_path)
     assert list(train.compare.tuners) == ["grid", "gits", "ld3", "pathwise"]
     assert sorted(train.tuners) == ["gits", "grid", "ld3", "pathwise"]

@@ -111,6 +111,7 @@ def test_pathwise_tuner_warm_starts_from_a_schedule_file(datamodule, tmp_path):
     tuner = PathwiseTuner(iterations=3, batch=16, disc_warmup=1, starts=None, init=str(path))
     result = tuner.tune(Heun(), D, datamodule, 7, seed=0)
     assert result.details["initial_sigmas"] == pytest.approx([10.0, 3.0, 1.0, 0.2, 0.0])
+    assert result.details["checkpoints"][0]["iteration"] == 0  # the warm start itself is a candidate
     with pytest.raises(ValueError, match="4 steps, but heun at 9 NFE takes 5"):
         tuner.tune(Heun(), D, datamodule, 9)
 

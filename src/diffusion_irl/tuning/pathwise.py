@@ -150,13 +150,14 @@ class PathwiseTuner(Tuner):
         starts: first levels of the Karras starts (``init_sigma_min``, ``init_rho``); null: one start at ``init``.
         explore: iterations of every start before the best one (training-split score) goes on.
         select_every: the chosen start's schedule is scored on the training split every this many iterations
-            and at the end; the best checkpoint (the starts' choice included) is returned (0: the final one).
+            and at the end; the best checkpoint (the starts' choice, or a single start itself, included) is
+            returned (0: the final one).
         select_samples, select_train: samples per score, training points they are scored against.
     """
 
     name = "pathwise"
 
-    def __init__(self, discriminator: nn.Module | str = "auto", divergence: str = "kl", logit_clip: float | None = None,
+    def __init__(self, discriminator: nn.Module | str = "auto", divergence: str = "js", logit_clip: float | None = None,
                  lam: float = 1.0, temperature: float = 0.0, parametrization: str = "free", init: str = "sampler",
                  init_sigma_max: float = 80.0, init_sigma_min: float = 0.05, init_rho: float = 7.0,
                  sigma_low: float = 0.5, sigma_high: float = 80.0, iterations: int = 150, batch: int = 128,
@@ -299,6 +300,9 @@ class PathwiseTuner(Tuner):
             details["selected_start"] = firsts[best]
             runs = [runs[best]]
             checkpoints.append((explore, results[best], values[best]))
+        elif self.select_every:
+            start = runs[0].result()  # a single start (a warm start from a tuned schedule) is a checkpoint too
+            checkpoints.append((0, start, scores([start])[0]))
         run, remaining = runs[0], self.iterations - explore
         while remaining > 0:
             chunk = min(self.select_every or remaining, remaining)
