@@ -133,3 +133,17 @@ def test_bad_pathwise_settings_fail_at_construction(kwargs, message):
 def test_pathwise_needs_a_differentiable_solver(datamodule):
     with pytest.raises(ValueError, match="backpropagates through the solvers"):
         PathwiseTuner().tune(Ancestral(), AnalyticDenoiser(datamodule.law), datamodule, 6)
+
+
+def test_pathwise_tuning_does_not_depend_on_the_global_generator(datamodule):
+    """The same seed gives the same schedule whatever the process drew before (the discriminator's initial weights
+    come from the tuning seed)."""
+    D = AnalyticDenoiser(datamodule.law)
+    tuner = PathwiseTuner(iterations=4, batch=16, disc_warmup=2, starts=[80.0, 5.0], explore=2, select_samples=50,
+                          select_train=200)
+    torch.manual_seed(1)
+    first = tuner.tune(Euler(), D, datamodule, 4, seed=3).sigmas
+    torch.manual_seed(2)
+    torch.randn(1000)
+    second = tuner.tune(Euler(), D, datamodule, 4, seed=3).sigmas
+    assert torch.equal(first, second)

@@ -265,14 +265,26 @@ class PathwiseTuner(Tuner):
             return MLPDiscriminator(shape, hidden=128, depth=3, emb_dim=32, sigma_data=sigma_data)
         return CNNDiscriminator(shape, base_channels=32, channel_mults=(1, 2), emb_dim=64, sigma_data=sigma_data)
 
+    def seeded_network(self, datamodule, seed: int, start: int) -> nn.Module:
+        """:meth:`network` initialised from ``("tune", "pathwise", "discriminator", seed, start)`` (torch's global
+        generator is left as it was), so a tuning does not depend on what the process sampled before it."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeding.derive_seed("tune", "pathwise", "discriminator", seed, start))
+            net = self.network(datamodule)
+            if isinstance(self.discriminator, nn.Module):  # a given network: re-initialise its copy from that seed
+                for module in net.modules():
+                    if module is not net and hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+        return net
+
     def _tune(self, sampler, D, datamodule, steps, seed, device):
         datamodule.setup()
         shape = tuple(datamodule.shape)
         train = datamodule.train_samples(min(self.num_train, len(datamodule.train_samples()))).to(device)
         gen = seeding.generator("tune", "pathwise", seed)
         firsts = self.starts or [None]
-        runs = [_Run(self, sampler, D, train, shape, self.levels(sampler, steps, first), self.network(datamodule),
-                     gen, seed, device) for first in firsts]
+        runs = [_Run(self, sampler, D, train, shape, self.levels(sampler, steps, first),
+                     self.seeded_network(datamodule, seed, i), gen, seed, device) for i, first in enumerate(firsts)]
         scoring = len(runs) > 1 or self.select_every > 0
         metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache) if scoring else (None, None)
         noise_seed = seeding.derive_seed("tune", "pathwise", "select", seed)
