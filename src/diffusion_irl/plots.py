@@ -18,6 +18,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write ``path`` (its folder created) and close ``fig``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_samples(samples: Mapping[str, Tensor], path: Path, max_points: int = 2000, max_images: int = 64) -> Path:
     """2D data: one scatter panel per entry (same axes); images: one grid per entry."""
     plt = _plt()
@@ -45,11 +54,7 @@ def plot_samples(samples: Mapping[str, Tensor], path: Path, max_points: int = 20
             ax.imshow(img, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
             ax.axis("off")
         ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_schedule(schedule: Mapping[str, Tensor], ref_sigmas: Tensor, path: Path,
@@ -70,11 +75,7 @@ def plot_schedule(schedule: Mapping[str, Tensor], ref_sigmas: Tensor, path: Path
         ax.set_ylabel(name)
         ax.invert_xaxis()
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_quality_vs_cost(points: Mapping[str, tuple[float, float, float]], path: Path, metric: str = "mmd",
@@ -96,11 +97,7 @@ def plot_quality_vs_cost(points: Mapping[str, tuple[float, float, float]], path:
     ax.set_xscale("log")
     ax.set_xlabel("tuning cost (denoiser evaluations; left edge: training-free)")
     ax.set_ylabel(f"{metric} (lower is better)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_precision_recall(points: Mapping[str, tuple[float, float, float, float]], path: Path,
@@ -119,8 +116,4 @@ def plot_precision_recall(points: Mapping[str, tuple[float, float, float, float]
     ax.set_ylabel("precision (fidelity) ↑")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
