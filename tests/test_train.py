@@ -86,7 +86,8 @@ def test_run_writes_the_comparison(short_run):
     assert list(rows[0]) == ["sampler", "nfe", "seed", "metric", "value"]
     pairs = {(r["sampler"], r["nfe"]) for r in rows}
     assert pairs == {("tuned", "10"), ("tuned_selected", "10"), ("base", "10"), ("grid_best", "10"), ("grid", "10"),
-                     ("gits", "10"), ("ld3", "10"), ("euler", "10"), ("base", "16"), ("reference", "0")}
+                     ("gits", "10"), ("ld3", "10"), ("pathwise", "10"), ("euler", "10"), ("base", "16"),
+                     ("reference", "0")}
     assert {r["seed"] for r in rows} == {"0"}
     assert {"mmd", "sliced_w2", "precision", "recall", "nll", "mode_coverage"} <= {r["metric"] for r in rows}
     mmd = {(r["sampler"], r["nfe"]): float(r["value"]) for r in rows if r["metric"] == "mmd"}
@@ -103,6 +104,8 @@ def test_run_writes_the_comparison(short_run):
     costs = md.split("## Costs (denoiser evaluations)")[1]
     assert "| grid | 8e+03 |" in costs   # 8 grid points x 100 samples x 10 NFE
     assert "| gits | 3.53e+03 |" in costs  # 32 teacher trajectories x (2 x 40 - 1) + 2 paths x 50 samples x 10
+    # 2 starts x (1 + 3 explore) + 3 more iterations, x 32 samples x 10 NFE; 3 scores (2 starts, 1 checkpoint) x 50 x 10
+    assert "| pathwise | 5.02e+03 |" in costs
     assert "| tuned | 1.92e+04 |" in costs and " s | mmd " in costs  # the training's wall time is measured
     # tuned_selected: the best of the initial policy, iter00024.ckpt and the final policy on the TRAINING split
     selection = result["selection"]
@@ -111,7 +114,7 @@ def test_run_writes_the_comparison(short_run):
     assert selection["nfe"] == 3 * 200 * 10  # 3 candidates x compare.select.num_samples x 10 NFE
     assert f"- tuned_selected: {selection['best']}, the best of 3 policies by mmd on the training split" in md
     tuned_rows = {row.name: row for row in result["tuned_schedules"]}
-    assert sorted(tuned_rows) == ["gits", "grid", "ld3"]
+    assert sorted(tuned_rows) == ["gits", "grid", "ld3", "pathwise"]
     for name, row in tuned_rows.items():
         sigmas = json.loads((out / "schedules" / f"{name}_nfe10.json").read_text())["sigmas"]
         assert sigmas == pytest.approx([float(v) for v in row.result.sigmas]) and len(sigmas) == 11
