@@ -104,9 +104,9 @@ def run(cfg: DictConfig) -> dict:
                 f"{cfg.seed}; distances on held-out data.\n\n"
                 + costs_table(tuned, summary))
     plots = []
+    ours = [f"{solver}_{t}" for solver in solvers for t in tuners if tuners[t].name == "pathwise"]
     for nfe in nfes:
         plots.append(plot_costs(costs_by_row(tuned, nfe), summary, nfe, out / "plots" / f"quality_vs_cost_nfe{nfe}.png"))
-        ours = [f"{solver}_{t}" for solver in solvers for t in tuners if tuners[t].name == "pathwise"]
         pr = precision_recall_plot(summary, nfe, out / "plots" / f"precision_recall_nfe{nfe}.png", ours)
         plots += [pr] if pr is not None else []
     report(f"{title}\n{compact_table(summary, order)}\ncosts:\n{costs_table(tuned, summary)}full table: "

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from diffusion_irl import seeding
 from diffusion_irl.sampling.noise import NoiseStream
-from diffusion_irl.sampling.samplers import Sampler
+from diffusion_irl.sampling.samplers import Sampler, with_labels
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +57,6 @@ class Run:
     metrics: dict[str, float]  # includes sample_seconds (sampling time) for sampler rows
 
 
-class SampleLabels(torch.nn.Module):
-    """A class-conditional denoiser bound to the labels of one chunk of samples: ``D(x, sigma)`` calls
-    ``D(x, sigma, labels)`` (a call that passes its own labels goes through unchanged)."""
-
-    def __init__(self, denoiser: Callable, labels: Tensor):
-        super().__init__()
-        self.denoiser, self.labels = denoiser, labels
-
-    @property
-    def num_classes(self) -> int:
-        return int(getattr(self.denoiser, "num_classes", 0) or 0)
-
-    def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
-        if args or kwargs:
-            return self.denoiser(x, sigma, *args, **kwargs)
-        if len(x) != len(self.labels):
-            raise RuntimeError(f"a chunk of {len(self.labels)} labelled samples got a denoiser call on {len(x)} rows")
-        return self.denoiser(x, sigma, self.labels)
-
-
 def conditioned(denoiser: Callable, sampler: Sampler, seeds: Tensor) -> Callable:
     """The denoiser the evaluator hands ``sampler`` for the samples of per-sample ``seeds``. A class-conditional
     denoiser (``num_classes > 0``) gets sample ``i``'s class ``seeds[i] mod num_classes``: the rule of the sampling
@@ -86,7 +66,7 @@ def conditioned(denoiser: Callable, sampler: Sampler, seeds: Tensor) -> Callable
     classes = int(getattr(denoiser, "num_classes", 0) or 0)
     if classes <= 0 or getattr(sampler, "labels_from_seeds", False):
         return denoiser
-    return SampleLabels(denoiser, torch.remainder(seeds, classes).long())
+    return with_labels(denoiser, torch.remainder(seeds, classes).long())
 
 
 def generate(sampler: Sampler, denoiser: Callable, shape: Sequence[int], steps: int, num_samples: int, seed: int,

@@ -25,8 +25,10 @@ from diffusion_irl.tensors import append_dims, batch_sigma
 
 
 def forward_noise(x0: Tensor, sigma: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """``x0 + sigma n``, ``n ~ N(0, I)``, with a per-sample sigma (a scalar or [B])."""
-    n = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    """``x0 + sigma n``, ``n ~ N(0, I)``, with a per-sample sigma (a scalar or [B]); ``n`` is drawn on the
+    generator's device (so a CPU generator serves data on any device) and lands on ``x0``'s."""
+    device = generator.device if generator is not None else x0.device
+    n = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
     return x0 + append_dims(batch_sigma(sigma, x0), x0.ndim) * n
 
 
@@ -110,9 +112,10 @@ def discriminator_loss(net: nn.Module, real: Tensor, fake: Tensor, sigma_real: f
     With step indices ([B] long, values ``0..num_steps-1``; ``num_steps`` defaults to the largest index + 1), each
     class's loss is first averaged within each step, then over the steps present: every step and every class weighs
     the same, however many samples each holds. ``r1_gamma > 0`` adds ``r1_gamma / 2 * E_real ||grad_x l||^2``
-    (balanced per step like the loss). ``labels_real`` / ``labels_fake`` [B] go to a label-conditional network. Returns ``(loss, diag)``, diag holding detached scalars ``disc/loss``,
-    ``disc/acc`` (fraction of real + fake samples on the right side of 0), ``disc/logit_real``, ``disc/logit_fake``,
-    ``disc/r1`` (when used) and, with steps, ``disc/acc_per_step`` [num_steps] (NaN where a step is absent).
+    (balanced per step like the loss). ``labels_real`` / ``labels_fake`` [B] go to a label-conditional network.
+    Returns ``(loss, diag)``, diag holding detached scalars ``disc/loss``, ``disc/acc`` (fraction of real + fake
+    samples on the right side of 0), ``disc/logit_real``, ``disc/logit_fake``, ``disc/r1`` (when used) and, with
+    steps, ``disc/acc_per_step`` [num_steps] (NaN where a step is absent).
     """
     if r1_gamma < 0:
         raise ValueError(f"r1_gamma must be >= 0, got {r1_gamma}")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from diffusion_irl.mdp.actions import Knob
 from diffusion_irl.mdp.policies import Action, KnobPolicy, Policy, Reference, State
 from diffusion_irl.sampling.noise import SampleNoise, Slot
-from diffusion_irl.sampling.samplers import NoiseFn, Sampler, SampleOutput
+from diffusion_irl.sampling.samplers import NoiseFn, Sampler, SampleOutput, with_labels
 from diffusion_irl.seeding import sample_seeds
 from diffusion_irl.tensors import append_dims
 
@@ -222,8 +222,8 @@ class SamplingMDP:
             if discriminator is None:
                 raise ValueError("mdp.guidance=dg needs the discriminator at rollout time")
             from diffusion_irl.sampling.guidance import DGDenoiser
-            return DGDenoiser(_with_labels(D, labels), discriminator, weight, self.dg_sigma_min, self.dg_sigma_max), 1
-        return _with_labels(D, labels), 1
+            return DGDenoiser(with_labels(D, labels), discriminator, weight, self.dg_sigma_min, self.dg_sigma_max), 1
+        return with_labels(D, labels), 1
 
     def knob_step(self, D, state: State, action: Action, noise: SampleNoise, discriminator=None):
         """Apply the knob values of ``action`` to step k of the base sampler from ``state`` (B states).
@@ -322,12 +322,6 @@ class SamplingMDP:
             recorder.add(state, result)
             x, sigma = result.x_next, result.sigma_next
         return recorder.rollout(seeds, labels, x, sigma)
-
-
-def _with_labels(D: Callable, labels: Tensor | None) -> Callable:
-    if labels is None:
-        return D
-    return lambda x, sigma: D(x, sigma, labels)
 
 
 def _draws(noise: SampleNoise, k: int, slot: Slot) -> NoiseFn:

@@ -45,6 +45,31 @@ class NFECounter(nn.Module):
         return self.denoiser(x, sigma, *args, **kwargs)
 
 
+class LabelledDenoiser(nn.Module):
+    """A class-conditional denoiser bound to the labels of a batch: ``D(x, sigma)`` calls ``D(x, sigma, labels)``
+    (a call that passes its own labels goes through unchanged; a call on another number of rows is an error)."""
+
+    def __init__(self, denoiser: Callable, labels: Tensor):
+        super().__init__()
+        self.denoiser, self.labels = denoiser, labels
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.denoiser, "num_classes", 0) or 0)
+
+    def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
+        if args or kwargs:
+            return self.denoiser(x, sigma, *args, **kwargs)
+        if len(x) != len(self.labels):
+            raise RuntimeError(f"a batch of {len(self.labels)} labelled samples got a denoiser call on {len(x)} rows")
+        return self.denoiser(x, sigma, self.labels)
+
+
+def with_labels(denoiser: Callable, labels: Tensor | None) -> Callable:
+    """``denoiser`` bound to ``labels`` [B] (:class:`LabelledDenoiser`), or ``denoiser`` itself without labels."""
+    return denoiser if labels is None else LabelledDenoiser(denoiser, labels)
+
+
 @dataclass
 class SampleOutput:
     x: Tensor

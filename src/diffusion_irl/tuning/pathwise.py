@@ -45,11 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_irl import seeding
-from diffusion_irl.discriminator.module import discriminator_loss
+from diffusion_irl.discriminator.module import discriminator_loss, forward_noise, paired_batch
 from diffusion_irl.rl.rewards import Reward
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
-from diffusion_irl.tensors import append_dims
 from diffusion_irl.tuning.ld3 import SOLVERS, solve
 from diffusion_irl.tuning.grid import mean_scores, selection_scorer
 from diffusion_irl.tuning.tuners import Tuner, positive_int, sigma_range, with_schedule
@@ -64,8 +63,8 @@ def _inverse_softplus(y: Tensor) -> Tensor:
 
 
 class FreeLevels(nn.Module):
-    """``[s_0, ..., s_{N-1}, 0]`` from ``log s_0`` (clamped to ``[log sigma_low, log sigma_high]``) and ``N - 1``
-    gaps ``softplus(g_k) = log s_{k-1} - log s_k``. ``init``: a schedule ``[N + 1]`` ending in 0."""
+    """``[s_0, ..., s_{N-1}, 0]`` from ``log s_0`` (kept in ``[log sigma_low, log sigma_high]`` by :meth:`project`)
+    and ``N - 1`` gaps ``softplus(g_k) = log s_{k-1} - log s_k``. ``init``: a schedule ``[N + 1]`` ending in 0."""
 
     def __init__(self, init: Tensor, sigma_low: float, sigma_high: float):
         super().__init__()
@@ -81,7 +80,7 @@ class FreeLevels(nn.Module):
         self.log_first.clamp_(self.log_low, self.log_high)
 
     def log_levels(self) -> Tensor:
-        first = self.log_first.clamp(self.log_low, self.log_high)
+        first = self.log_first
         return first - torch.cat([first.new_zeros(1), torch.cumsum(F.softplus(self.gaps), 0)])
 
     def forward(self) -> Tensor:
@@ -90,8 +89,8 @@ class FreeLevels(nn.Module):
 
 class KarrasLevels(nn.Module):
     """The Karras schedule ``(s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``, ``i < N``, then 0,
-    with ``log s_max`` (clamped to ``[log sigma_low, log sigma_high]``), ``log s_min`` (kept below ``s_max``) and
-    ``log rho`` learned."""
+    with ``log s_max`` (in ``[log sigma_low, log sigma_high]``), ``log s_min`` (below ``s_max``; both kept so by
+    :meth:`project`) and ``log rho`` learned."""
 
     def __init__(self, steps: int, sigma_min: float, sigma_max: float, rho: float, sigma_low: float,
                  sigma_high: float):
@@ -101,6 +100,7 @@ class KarrasLevels(nn.Module):
         self.log_max = nn.Parameter(torch.tensor([math.log(sigma_max)], dtype=torch.float64))
         self.log_min = nn.Parameter(torch.tensor([math.log(sigma_min)], dtype=torch.float64))
         self.log_rho = nn.Parameter(torch.tensor([math.log(rho)], dtype=torch.float64))
+        self.project()
 
     @torch.no_grad()
     def project(self) -> None:
@@ -109,8 +109,7 @@ class KarrasLevels(nn.Module):
         self.log_min.copy_(torch.minimum(self.log_min, self.log_max - 1e-3))
 
     def log_levels(self) -> Tensor:
-        log_max = self.log_max.clamp(self.log_low, self.log_high)
-        log_min = torch.minimum(self.log_min, log_max - 1e-3)
+        log_max, log_min = self.log_max, self.log_min
         rho = self.log_rho.exp()
         ramp = torch.linspace(0, 1, self.steps, dtype=log_max.dtype, device=log_max.device)
         hi, lo = (log_max / rho).exp(), (log_min / rho).exp()
@@ -124,12 +123,6 @@ def generator_loss(disc: nn.Module, x: Tensor, sigma: Tensor, reward: Reward) ->
     """``-mean r(d(x, sigma))``: minimised by the schedule (its gradient flows through ``x`` only; the caller keeps
     the discriminator's parameters out of the step)."""
     return -reward(disc(x, sigma)).mean()
-
-
-def noised(x: Tensor, sigma: Tensor, generator: torch.Generator) -> Tensor:
-    """``x + sigma n`` with ``n`` from ``generator`` (per-sample sigma [B])."""
-    n = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return x + append_dims(sigma, x.ndim) * n
 
 
 class PathwiseTuner(Tuner):
@@ -369,9 +362,8 @@ class _Run:
 
     def disc_step(self, fake: Tensor) -> dict:
         sigma = self.draw_sigma(len(fake))
-        real = self.train_data[torch.randint(len(self.train_data), (len(fake),), generator=self.gen).to(self.device)]
-        loss, diag = discriminator_loss(self.disc, noised(real, sigma, self.gen), noised(fake, sigma, self.gen),
-                                        sigma, sigma)
+        real = paired_batch(self.train_data, fake, sigma, torch.zeros_like(sigma), self.gen).real
+        loss, diag = discriminator_loss(self.disc, real, forward_noise(fake, sigma, self.gen), sigma, sigma)
         self.disc_opt.zero_grad()
         loss.backward()
         self.disc_opt.step()
@@ -391,7 +383,7 @@ class _Run:
                 diag = self.disc_step(x.detach())
             self.disc.requires_grad_(False)
             sigma = self.draw_sigma(len(x))
-            loss = generator_loss(self.disc, noised(x, sigma, self.gen), sigma, tuner.reward)
+            loss = generator_loss(self.disc, forward_noise(x, sigma, self.gen), sigma, tuner.reward)
             self.disc.requires_grad_(True)
             self.opt.zero_grad()
             loss.backward()
