@@ -318,7 +318,7 @@ def test_ld3_uses_the_feature_classifier_for_images(tmp_path):
     assert result.details["distance"] == "features"
     assert list(tmp_path.glob("feature_classifier_digits_*.pt"))  # cached beside the evaluator's
     net = feature_classifier_for(digits, str(tmp_path)).requires_grad_(False)
-    x_T, target = tuner.teacher(shrink, tuple(digits.shape), 0, "cpu")
+    x_T, target, _ = tuner.teacher(shrink, tuple(digits.shape), 0, "cpu")
     start = LogSigmaLevels(5, tuner.sigma_min, tuner.sigma_max, tuner.init_rho)()
     by_hand = ld3_loss("euler", shrink, start, x_T, None, torch.zeros(len(x_T)), net.features(target), net.features)
     assert result.details["initial_loss"] == pytest.approx(float(by_hand.detach()), rel=1e-5)
@@ -341,3 +341,37 @@ def test_gits_selects_its_coefficient_on_the_training_split(datamodule):
     assert result.cost_nfe == counter.evaluations == 64 * (2 * 40 - 1) + len(coeffs) * 200 * 8
     with pytest.raises(ValueError, match="tuner.coeff must be a positive number"):
         GITSTuner(coeff=[])
+
+
+@pytest.mark.parametrize("name", ["gits", "ld3", "pathwise"])
+def test_tuners_condition_a_class_conditional_denoiser_as_the_evaluator_does(datamodule, name):
+    """A class-conditional denoiser: every call a tuner makes carries labels, and they are the evaluator's classes
+    ``seed mod num_classes`` of the noise the call is made on (a tuner must tune the sampler that is scored, not an
+    unconditional one). The echo denoiser adds its label to the analytic output, so it also checks the labels line
+    up with their rows."""
+    from diffusion_irl import seeding
+    from diffusion_irl.tuning.pathwise import PathwiseTuner
+
+    analytic = AnalyticDenoiser(datamodule.law)
+    calls = []
+
+    class Conditional(nn.Module):
+        num_classes = 3
+
+        def forward(self, x, sigma, labels=None):
+            assert labels is not None, f"tuner={name} called a class-conditional denoiser without labels"
+            calls.append(labels.clone())
+            return analytic(x, sigma)
+
+    tuners = {"gits": lambda: GITSTuner(levels=20, num_warmup=24, batch_size=16),
+              "ld3": lambda: LD3Tuner(num_pairs=12, teacher_steps=8, iterations=2),
+              "pathwise": lambda: PathwiseTuner(iterations=2, batch=10, disc_warmup=1, starts=None, select_every=0)}
+    tuners[name]().tune(Euler(), Conditional(), datamodule, 4, seed=3)
+    assert calls
+    expected = {"gits": [seeding.sample_seeds(24, "tune", "gits", 3)[:16], seeding.sample_seeds(24, "tune", "gits", 3)[16:]],
+                "ld3": [seeding.sample_seeds(12, "tune", "ld3", 3)],
+                "pathwise": [seeding.sample_seeds(10, "tune", "pathwise", 3, it) for it in (-1, 0, 1)]}[name]
+    expected = [torch.remainder(s, 3) for s in expected]
+    for labels in calls:
+        assert any(len(labels) == len(e) and torch.equal(labels, e) for e in expected)
+    assert all(any(torch.equal(labels, e) for labels in calls) for e in expected)  # every batch was conditioned

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from diffusion_irl import seeding
 from diffusion_irl.sampling.noise import NoiseStream
-from diffusion_irl.sampling.samplers import Sampler, with_labels
+from diffusion_irl.sampling.samplers import Sampler, seed_conditioned
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,9 @@ def conditioned(denoiser: Callable, sampler: Sampler, seeds: Tensor) -> Callable
     MDP (``SamplingMDP.labels_for``), so every row of a table, trained or training-free, samples the same classes
     from the same seeds whatever the chunking. Samplers that draw these labels themselves (``labels_from_seeds``:
     the MDP's policy sampler) and unconditional denoisers get ``denoiser`` unchanged."""
-    classes = int(getattr(denoiser, "num_classes", 0) or 0)
-    if classes <= 0 or getattr(sampler, "labels_from_seeds", False):
+    if getattr(sampler, "labels_from_seeds", False):
         return denoiser
-    return with_labels(denoiser, torch.remainder(seeds, classes).long())
+    return seed_conditioned(denoiser, seeds)
 
 
 def generate(sampler: Sampler, denoiser: Callable, shape: Sequence[int], steps: int, num_samples: int, seed: int,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from diffusion_irl.mdp.actions import Knob
 from diffusion_irl.mdp.policies import Action, KnobPolicy, Policy, Reference, State
 from diffusion_irl.sampling.noise import SampleNoise, Slot
-from diffusion_irl.sampling.samplers import NoiseFn, Sampler, SampleOutput, with_labels
+from diffusion_irl.sampling.samplers import NoiseFn, Sampler, SampleOutput, seed_labels, with_labels
 from diffusion_irl.seeding import sample_seeds
 from diffusion_irl.tensors import append_dims
 
@@ -210,7 +210,7 @@ class SamplingMDP:
         return policy.setup(self.steps, tuple(shape), reference)
 
     def labels_for(self, seeds: Tensor) -> Tensor | None:
-        return torch.remainder(seeds, self.num_classes).long() if self.num_classes > 0 else None
+        return seed_labels(seeds, self.num_classes)
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _denoiser(self, D: Callable, labels: Tensor | None, weight: Tensor | None, discriminator) -> tuple[Callable, int]:

@@ -70,6 +70,18 @@ def with_labels(denoiser: Callable, labels: Tensor | None) -> Callable:
     return denoiser if labels is None else LabelledDenoiser(denoiser, labels)
 
 
+def seed_labels(seeds: Tensor, num_classes: int) -> Tensor | None:
+    """The class of each per-sample seed, ``seed mod num_classes`` (None when ``num_classes`` is 0): the one rule by
+    which the sampling MDP, the evaluator and the schedule tuners condition a class-conditional denoiser."""
+    return torch.remainder(seeds, int(num_classes)).long() if int(num_classes) > 0 else None
+
+
+def seed_conditioned(denoiser: Callable, seeds: Tensor) -> Callable:
+    """``denoiser`` bound to the classes of ``seeds`` (:func:`seed_labels`) when it is class-conditional, else
+    ``denoiser`` itself."""
+    return with_labels(denoiser, seed_labels(seeds, int(getattr(denoiser, "num_classes", 0) or 0)))
+
+
 @dataclass
 class SampleOutput:
     x: Tensor

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from diffusion_irl import seeding
+from diffusion_irl.sampling.samplers import seed_conditioned
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
 from diffusion_irl.sampling.solvers import heun_step, to_d
 from diffusion_irl.tensors import append_dims
@@ -152,11 +153,12 @@ class GITSTuner(Tuner):
 
     def _tune(self, sampler, D, datamodule, steps, seed, device):
         sigmas = self.fine_sigmas().to(device)
-        x_T = initial_noise(self.num_warmup, datamodule.shape, self.sigma_max, ("tune", "gits", seed), device)
+        x_T, seeds = initial_noise(self.num_warmup, datamodule.shape, self.sigma_max, ("tune", "gits", seed), device)
         C = torch.zeros(len(sigmas), len(sigmas), dtype=torch.float64)
         for start in range(0, self.num_warmup, self.batch_size):
             chunk = x_T[start:start + self.batch_size]
-            states, denoised = teacher_trajectory(D, chunk, sigmas)
+            states, denoised = teacher_trajectory(seed_conditioned(D, seeds[start:start + self.batch_size]), chunk,
+                                                  sigmas)
             C += cost_matrix(states, denoised, sigmas) * (len(chunk) / self.num_warmup)
         candidates = [self._path(C, sigmas.cpu(), steps, coeff) for coeff in self.coeffs]
         if len(candidates) == 1:

@@ -27,10 +27,12 @@ The variant implemented here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from diffusion_irl.sampling.samplers import seed_conditioned
 from diffusion_irl.sampling.schedules import karras_sigmas
 from diffusion_irl.sampling.solvers import dpmpp_2m_step, euler_step, heun_step, sample_heun, to_d
 from diffusion_irl.tensors import append_dims
@@ -172,14 +174,16 @@ class LD3Tuner(Tuner):
                              f"sampler {sampler.name} is not one of them")
         return steps
 
-    def teacher(self, D, shape, seed: int, device) -> tuple[Tensor, Tensor]:
-        """``(x_T, x_0^teacher)``: Heun with ``teacher_steps`` steps on Karras (rho 7) from ``sigma_max``."""
-        x_T = initial_noise(self.num_pairs, shape, self.sigma_max, ("tune", "ld3", seed), device)
+    def teacher(self, D, shape, seed: int, device) -> tuple[Tensor, Tensor, Callable]:
+        """``(x_T, x_0^teacher, D_pairs)``: Heun with ``teacher_steps`` steps on Karras (rho 7) from ``sigma_max``;
+        ``D_pairs`` is ``D`` conditioned on the pairs' classes (itself when unconditional)."""
+        x_T, seeds = initial_noise(self.num_pairs, shape, self.sigma_max, ("tune", "ld3", seed), device)
+        D = seed_conditioned(D, seeds)
         sigmas = karras_sigmas(self.teacher_steps, self.sigma_min, self.sigma_max, 7.0).to(device)
-        return x_T, sample_heun(D, x_T, sigmas)
+        return x_T, sample_heun(D, x_T, sigmas), D
 
     def _tune(self, sampler, D, datamodule, steps, seed, device):
-        x_T, target = self.teacher(D, tuple(datamodule.shape), seed, device)
+        x_T, target, D = self.teacher(D, tuple(datamodule.shape), seed, device)
         net = self.feature_network(datamodule)
         features = net.to(device).features if net is not None else None
         if features is not None:

@@ -48,6 +48,7 @@ from diffusion_irl import seeding
 from diffusion_irl.discriminator.module import discriminator_loss, forward_noise, paired_batch
 from diffusion_irl.rl.rewards import Reward
 from diffusion_irl.sampling.noise import NoiseStream
+from diffusion_irl.sampling.samplers import seed_conditioned
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
 from diffusion_irl.tuning.ld3 import SOLVERS, solve
 from diffusion_irl.tuning.grid import mean_scores, selection_scorer
@@ -358,7 +359,7 @@ class _Run:
         eps = NoiseStream(device=self.device, seeds=seeds).initial((batch, *self.shape))
         with torch.set_grad_enabled(grad):
             sigmas = self.levels()
-            return solve(self.sampler.name, self.D, eps * sigmas[0].to(eps.dtype), sigmas)
+            return solve(self.sampler.name, seed_conditioned(self.D, seeds), eps * sigmas[0].to(eps.dtype), sigmas)
 
     def disc_step(self, fake: Tensor) -> dict:
         sigma = self.draw_sigma(len(fake))

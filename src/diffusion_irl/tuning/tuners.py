@@ -129,10 +129,12 @@ def load_tuned_sampler(sampler: Sampler, path: str | Path) -> Sampler:
 
 
 def initial_noise(n: int, shape: Sequence[int], sigma_max: float, parts: Sequence[int | str],
-                  device: torch.device | str = "cpu") -> Tensor:
-    """``sigma_max * eps`` with ``eps ~ N(0, I)`` drawn per sample from ``seeding.sample_seeds(n, *parts)``."""
-    noise = NoiseStream(device=device, seeds=seeding.sample_seeds(n, *parts, device=device))
-    return noise.initial((n, *shape)) * float(sigma_max)
+                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """``(sigma_max * eps, seeds)``: ``eps ~ N(0, I)`` drawn per sample from ``seeds = seeding.sample_seeds(n,
+    *parts)``. A class-conditional denoiser samples class ``seed mod num_classes`` from them
+    (:func:`~diffusion_irl.sampling.samplers.seed_conditioned`), as in every row of the evaluator."""
+    seeds = seeding.sample_seeds(n, *parts, device=device)
+    return NoiseStream(device=device, seeds=seeds).initial((n, *shape)) * float(sigma_max), seeds
 
 
 def positive_int(value, key: str, minimum: int = 1) -> int:
