@@ -110,7 +110,7 @@ def markdown(rows: list[dict], metrics: Sequence[str]) -> str:
     for row in rows:
         cells = [row["row"] + (" *" if (row["row"], row["nfe"]) in ahead else ""), str(row["nfe"]) if row["nfe"] else "–"]
         for metric in metrics:
-            cells.append(f"{_fmt(row[metric][0])} ± {_fmt(row[metric][1])}" if metric in row else "")
+            cells.append(f"{_fmt(row[metric][0])} ± {row[metric][1]:.2g}" if metric in row else "")
         over = row.get("over", "")
         cells.append(f"{row['runs']} {over}" if over == "tuning seeds" else over)
         cells.append("" if row["cost"] is None or math.isnan(row["cost"]) else f"{row['cost']:.3g}")
