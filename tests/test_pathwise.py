@@ -94,9 +94,11 @@ def test_pathwise_tuner_improves_euler_and_counts_its_cost(datamodule):
     steps = 6
     assert result.steps == steps and len(result.sigmas) == steps + 1 and result.sigmas[-1] == 0
     # two starts: one warm-up batch each, 15 explore steps each, 25 more for the chosen one; 200 samples per score:
-    # one per start, one for the checkpoint at the end (select_every 30 > 25)
-    assert result.cost_nfe == (2 * (1 + 15) + 25) * 64 * 6 + (2 + 1) * 200 * 6
-    assert [c["iteration"] for c in result.details["checkpoints"]] == [15, 40]
+    # two per start (before and after exploring), one for the checkpoint at the end (select_every 30 > 25)
+    assert result.cost_nfe == (2 * (1 + 15) + 25) * 64 * 6 + (2 + 2 + 1) * 200 * 6
+    checkpoints = result.details["checkpoints"]
+    assert [c["iteration"] for c in checkpoints] == [0, 0, 15, 40]  # the starts are candidates too
+    assert result.details["selected_score"] == min(c["score"] for c in checkpoints)
     assert len(result.details["starts"]) == 2 and result.details["selected_start"] in (80.0, 10.0)
     assert len(result.details["losses"]) == 40
     tuned = with_schedule(Euler(), SigmaSchedule(result.sigmas.tolist()))

@@ -104,8 +104,9 @@ def test_run_writes_the_comparison(short_run):
     costs = md.split("## Costs (denoiser evaluations)")[1]
     assert "| grid | 8e+03 |" in costs   # 8 grid points x 100 samples x 10 NFE
     assert "| gits | 3.53e+03 |" in costs  # 32 teacher trajectories x (2 x 40 - 1) + 2 paths x 50 samples x 10
-    # 2 starts x (1 + 3 explore) + 3 more iterations, x 32 samples x 10 NFE; 3 scores (2 starts, 1 checkpoint) x 50 x 10
-    assert "| pathwise | 5.02e+03 |" in costs
+    # 2 starts x (1 + 3 explore) + 3 more iterations, x 32 samples x 10 NFE; 5 scores (2 starts before and after
+    # exploring, 1 checkpoint) x 50 x 10
+    assert "| pathwise | 6.02e+03 |" in costs
     assert "| tuned | 1.92e+04 |" in costs and " s | mmd " in costs  # the training's wall time is measured
     # tuned_selected: the best of the initial policy, iter00024.ckpt and the final policy on the TRAINING split
     selection = result["selection"]

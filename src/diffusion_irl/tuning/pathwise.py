@@ -29,7 +29,7 @@ with the exact ratio), so it is a low-variance alternative to the policy gradien
 is not the evaluator's distance, and a run can drift past its best point).
 
 Cost: ``starts x (explore + 1) x batch x NFE + (iterations - explore) x batch x NFE`` forward denoiser evaluations
-for the samples, plus ``select_samples x NFE`` per training-split score (one per start, one per checkpoint); every
+for the samples, plus ``select_samples x NFE`` per training-split score (each start before and after exploring, each checkpoint); every
 call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`. Like LD3's, the backward passes
 (about twice a forward pass each) are not counted separately.
 """
@@ -293,6 +293,9 @@ class PathwiseTuner(Tuner):
         details: dict = {"select_metric": metric}
         checkpoints: list[tuple[int, Tensor, float]] = []  # (iteration, schedule, training-split score)
         if len(runs) > 1:
+            if self.select_every:  # every start is a candidate too: the result is never worse than the best start
+                for run, value in zip(runs, scores([run.result() for run in runs])):
+                    checkpoints.append((0, run.result(), value))
             for run in runs:
                 run.train(explore)
             results = [run.result() for run in runs]
@@ -323,6 +326,7 @@ class PathwiseTuner(Tuner):
                 raise RuntimeError("tuner=pathwise: every checkpoint's samples scored NaN / inf")
             iteration, sigmas, _ = min(finite, key=lambda c: c[2])
             details["checkpoints"] = [{"iteration": it, "score": v} for it, _, v in checkpoints]
+            details["selected_score"] = min(c[2] for c in finite)
             details["selected_iteration"] = iteration
         else:
             sigmas = run.result()
