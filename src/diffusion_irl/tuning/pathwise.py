@@ -29,8 +29,8 @@ with the exact ratio), so it is a low-variance alternative to the policy gradien
 is not the evaluator's distance, and a run can drift past its best point).
 
 Cost: ``starts x (explore + 1) x batch x NFE + (iterations - explore) x batch x NFE`` forward denoiser evaluations
-for the samples, plus ``select_samples x NFE`` per training-split score (each start before and after exploring, each checkpoint); every
-call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`. Like LD3's, the backward passes
+for the samples, plus ``select_samples x NFE`` per training-split score (each start before and after exploring,
+each checkpoint); every call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`. Like LD3's, the backward passes
 (about twice a forward pass each) are not counted separately.
 """
 from __future__ import annotations
