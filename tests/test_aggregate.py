@@ -27,7 +27,7 @@ def test_tuned_rows_are_over_tuning_seeds_and_training_free_rows_over_evaluation
     runs = [_run(tmp_path / f"s{seed}", {**base, ("euler_pw", 6): {"mmd": [v + 0.001 * seed for v in (0.004, 0.005, 0.006)]}},
                  {("euler_pw", 6): 100.0 * (seed + 1)}) for seed in range(3)]
     _run(tmp_path / "grid_only", {("euler_grid", 6): {"mmd": [0.009, 0.009, 0.009]}})
-    rows = {r["row"]: r for r in aggregate([*runs, tmp_path / "grid_only"], ["mmd"])}
+    rows = {r["row"]: r for r in aggregate([*runs, tmp_path / "grid_only"], ["mmd"])[0]}
     pw = rows["euler_pw"]
     assert pw["runs"] == 3 and pw["over"] == "tuning seeds" and pw["cost"] == pytest.approx(200.0)
     per_run = [0.005, 0.006, 0.007]  # each run's mean over its evaluation seeds

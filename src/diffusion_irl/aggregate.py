@@ -16,7 +16,6 @@ larger of the two stds is marked ``*``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -24,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-LOWER_IS_BETTER = {"mmd", "sliced_w2", "w2", "fd", "fid", "nll", "nonfinite", "sample_seconds"}
+from diffusion_irl.evaluation import LOWER_IS_BETTER, read_csv
 
 
 def _read_csv(run: Path) -> dict[tuple[str, int, str], list[float]]:
@@ -32,9 +31,8 @@ def _read_csv(run: Path) -> dict[tuple[str, int, str], list[float]]:
     if not path.is_file():
         raise FileNotFoundError(f"{run} holds no results.csv: is it a baselines run directory?")
     values: dict[tuple[str, int, str], list[float]] = defaultdict(list)
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            values[(row["sampler"], int(row["nfe"]), row["metric"])].append(float(row["value"]))
+    for row in read_csv(path):
+        values[(row.sampler, row.nfe, row.metric)].append(row.value)
     return values
 
 
@@ -49,8 +47,9 @@ def _std(xs: Sequence[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def aggregate(runs: Sequence[str | Path], metrics: Sequence[str]) -> list[dict]:
-    """The rows over ``runs``: ``{"row", "nfe", "runs", "cost", <metric>: (mean, std)}``, in first-seen order.
+def aggregate(runs: Sequence[str | Path], metrics: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
+    """``(rows, metrics)`` over ``runs``: each row ``{"row", "nfe", "runs", "cost", <metric>: (mean, std)}``, in
+    first-seen order; ``metrics`` defaults to mmd or fd, then precision and recall, whichever the runs hold.
 
     A row held by several runs whose per-run means differ (a tuned row) gets mean ± std over the runs; a row whose
     runs agree (training-free) gets mean ± std over the first run's evaluation seeds."""
@@ -58,6 +57,9 @@ def aggregate(runs: Sequence[str | Path], metrics: Sequence[str]) -> list[dict]:
         raise ValueError("aggregate: give at least one run directory")
     tables = [_read_csv(Path(r)) for r in runs]
     costs = [_read_costs(Path(r)) for r in runs]
+    if metrics is None:
+        held = {m for t in tables for (_, _, m) in t}
+        metrics = [m for m in ("mmd", "fd", "precision", "recall") if m in held]
     order: list[tuple[str, int]] = []
     for table in tables:
         for sampler, nfe, _ in table:
@@ -82,7 +84,7 @@ def aggregate(runs: Sequence[str | Path], metrics: Sequence[str]) -> list[dict]:
         spent = [c[(sampler, nfe)] for c in costs if (sampler, nfe) in c]
         row["cost"] = statistics.fmean(spent) if spent else None
         out.append(row)
-    return out
+    return out, list(metrics)
 
 
 def _ahead(rows: list[dict], metric: str) -> set[tuple[str, int]]:
@@ -127,10 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="metrics (default: mmd or fd, then precision and recall, whichever the runs hold)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    if args.metrics is None:
-        held = {m for t in (_read_csv(Path(r)) for r in args.runs) for (_, _, m) in t}
-        args.metrics = [m for m in ("mmd", "fd", "precision", "recall") if m in held]
-    table = markdown(aggregate(args.runs, args.metrics), args.metrics)
+    table = markdown(*aggregate(args.runs, args.metrics))
     print(table, end="")
     if args.out:
         Path(args.out).write_text(table)

@@ -294,8 +294,8 @@ class PathwiseTuner(Tuner):
         checkpoints: list[tuple[int, Tensor, float]] = []  # (iteration, schedule, training-split score)
         if len(runs) > 1:
             if self.select_every:  # every start is a candidate too: the result is never worse than the best start
-                for run, value in zip(runs, scores([run.result() for run in runs])):
-                    checkpoints.append((0, run.result(), value))
+                starts = [run.result() for run in runs]
+                checkpoints += [(0, start, value) for start, value in zip(starts, scores(starts))]
             for run in runs:
                 run.train(explore)
             results = [run.result() for run in runs]
@@ -324,9 +324,9 @@ class PathwiseTuner(Tuner):
             finite = [c for c in checkpoints if math.isfinite(c[2])]
             if not finite:
                 raise RuntimeError("tuner=pathwise: every checkpoint's samples scored NaN / inf")
-            iteration, sigmas, _ = min(finite, key=lambda c: c[2])
+            iteration, sigmas, selected = min(finite, key=lambda c: c[2])
             details["checkpoints"] = [{"iteration": it, "score": v} for it, _, v in checkpoints]
-            details["selected_score"] = min(c[2] for c in finite)
+            details["selected_score"] = selected
             details["selected_iteration"] = iteration
         else:
             sigmas = run.result()
