@@ -13,8 +13,8 @@ from diffusion_irl.data.toy2d import gmm8
 from diffusion_irl.denoisers.analytic import AnalyticDenoiser
 from diffusion_irl.rl.rewards import Reward
 from diffusion_irl.sampling.noise import NoiseStream
-from diffusion_irl.sampling.samplers import Ancestral, Euler, Heun
-from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
+from diffusion_irl.sampling.samplers import Ancestral, DPMpp3M, Euler, Heun
+from diffusion_irl.sampling.schedules import LogSNRUniformSchedule, SigmaSchedule, karras_sigmas
 from diffusion_irl.tuning.grid import selection_scorer
 from diffusion_irl.tuning.pathwise import FreeLevels, KarrasLevels, PathwiseTuner, generator_loss
 from diffusion_irl.tuning.tuners import with_schedule
@@ -120,7 +120,8 @@ def test_pathwise_tuner_warm_starts_from_a_schedule_file(datamodule, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(parametrization="spline"), "tuner.parametrization"),
-    (dict(starts=[100.0]), "tuner.starts must lie in"),
+    (dict(starts=[100.0]), "tuner.starts must be first levels in"),
+    (dict(starts=["own"]), "could not convert"),
     (dict(disc_sigmas=[]), "tuner.disc_sigmas"),
     (dict(average=0), "tuner.average"),
     (dict(discriminator="mlp"), "tuner.discriminator"),
@@ -130,6 +131,22 @@ def test_pathwise_tuner_warm_starts_from_a_schedule_file(datamodule, tmp_path):
 def test_bad_pathwise_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PathwiseTuner(**kwargs)
+
+
+def test_pathwise_tunes_a_multistep_solver_from_its_own_schedule(datamodule):
+    """``starts`` may hold ``sampler``: the solver's own schedule (here DPM-Solver++(3M) on its log-SNR schedule) is
+    one start, scored before any step, so the result is never worse on the training split than that schedule."""
+    D = AnalyticDenoiser(datamodule.law)
+    sampler = DPMpp3M(LogSNRUniformSchedule())
+    tuner = PathwiseTuner(iterations=30, batch=64, disc_warmup=20, starts=["sampler", 5.0], explore=10,
+                          select_samples=200, select_train=500, lr=0.05)
+    torch.testing.assert_close(tuner.levels(sampler, 6, "sampler")(), sampler.sigmas(6).double())
+    result = tuner.tune(sampler, D, datamodule, 6, seed=0)
+    assert [s["first_level"] for s in result.details["starts"]] == ["sampler", 5.0]
+    own = result.details["checkpoints"][0]
+    assert own["iteration"] == 0 and result.details["selected_score"] <= own["score"]
+    tuned = with_schedule(sampler, SigmaSchedule(result.sigmas.tolist()))
+    assert _train_score(datamodule, tuned, 6, D) < 0.6 * _train_score(datamodule, sampler, 6, D)
 
 
 def test_pathwise_needs_a_differentiable_solver(datamodule):

@@ -18,7 +18,7 @@ from diffusion_irl.data.datamodules import ToyDataModule
 from diffusion_irl.data.toy2d import gmm8
 from diffusion_irl.denoisers.analytic import AnalyticDenoiser
 from diffusion_irl.evaluation import generate, scorer_for
-from diffusion_irl.sampling.samplers import Euler, Heun
+from diffusion_irl.sampling.samplers import Euler, Heun, differentiable_samplers
 from diffusion_irl.sampling.schedules import KarrasSchedule, SigmaSchedule, check_sigmas
 from diffusion_irl.tuning.gits import GITSTuner, best_path
 from diffusion_irl.tuning.grid import GridTuner
@@ -189,21 +189,30 @@ def test_ld3_loss_decreases(tuned):
     assert sum(losses[-10:]) < sum(losses[:10])
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "ipndm"])
-def test_ld3_differentiable_solver_matches_the_sampler(name, oracle):
-    """The autograd loop of ld3.py runs the sampler's own math (same output on the same schedule)."""
-    if not (CONF / "sampler" / f"{name}.yaml").exists():
-        pytest.skip(f"no sampler {name} yet")
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "ipndm", "dpmpp_3m", "unipc"])
+def test_differentiable_solver_matches_the_sampler_and_finite_differences(name, oracle):
+    """The autograd loop of LD3 and the pathwise tuner is the sampler's own (same output on the same schedule), and
+    its gradient in the schedule matches central finite differences (float64, exact denoiser)."""
     sampler = load_sampler(name)
-    sigmas = KarrasSchedule(0.002, 80.0, 7.0)(5)
+    assert sampler.differentiable and name in differentiable_samplers()
+    sigmas = KarrasSchedule(0.002, 80.0, 7.0)(6)
     sampler = with_schedule(sampler, SigmaSchedule(sigmas.tolist()))
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80
     want = sampler._solve(oracle, x.clone(), sigmas, None, None)
+    assert not want.requires_grad
     s = sigmas.clone().requires_grad_(True)
-    got = solve(name, oracle, x, s)
+    w = torch.randn(16, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = solve(sampler, oracle, x, s)
     torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-9)
-    got.sum().backward()
-    assert s.grad is not None and torch.isfinite(s.grad).all()
+    (got * w).sum().backward()
+    fd = torch.zeros(len(sigmas) - 1, dtype=torch.float64)
+    for k in range(len(fd)):  # every level but the final 0
+        e = 1e-4 * sigmas[k]
+        up, down = sigmas.clone(), sigmas.clone()
+        up[k], down[k] = up[k] + e, down[k] - e
+        fd[k] = ((sampler._solve(oracle, x.clone(), up, None, None) -
+                  sampler._solve(oracle, x.clone(), down, None, None)) * w).sum() / (2 * e)
+    torch.testing.assert_close(s.grad[:-1], fd, rtol=1e-3, atol=1e-5 * fd.abs().max().item())
 
 
 def test_tuners_for_another_solver_and_budget(datamodule):
@@ -320,7 +329,7 @@ def test_ld3_uses_the_feature_classifier_for_images(tmp_path):
     net = feature_classifier_for(digits, str(tmp_path)).requires_grad_(False)
     x_T, target, _ = tuner.teacher(shrink, tuple(digits.shape), 0, "cpu")
     start = LogSigmaLevels(5, tuner.sigma_min, tuner.sigma_max, tuner.init_rho)()
-    by_hand = ld3_loss("euler", shrink, start, x_T, None, torch.zeros(len(x_T)), net.features(target), net.features)
+    by_hand = ld3_loss(Euler(), shrink, start, x_T, None, torch.zeros(len(x_T)), net.features(target), net.features)
     assert result.details["initial_loss"] == pytest.approx(float(by_hand.detach()), rel=1e-5)
     assert result.details["best_loss"] < result.details["initial_loss"]
 

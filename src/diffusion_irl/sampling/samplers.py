@@ -136,6 +136,18 @@ class Sampler:
     def _solve(self, D, x: Tensor, sigmas: Tensor, noise: NoiseStream, callback) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    @property
+    def differentiable(self) -> bool:
+        """Whether :meth:`solve_differentiable` exists: a deterministic solve that backpropagates to ``x`` and to
+        ``sigmas`` (what LD3 and the pathwise tuner need)."""
+        return type(self).solve_differentiable is not Sampler.solve_differentiable
+
+    def solve_differentiable(self, D, x: Tensor, sigmas: Tensor) -> Tensor:
+        """The solver from ``x`` (already scaled) along ``sigmas`` with autograd on: the same loop as :meth:`sample`
+        (same options), differentiable in ``x`` and ``sigmas``."""
+        raise ValueError(f"sampler {self.name} has no differentiable solve; these have one: "
+                         f"{', '.join(differentiable_samplers())}")
+
     def sample(self, denoiser: Callable, shape: tuple[int, ...], steps: int, noise: NoiseStream,
                callback: Callable | None = None, trajectory: bool = False, x_init: Tensor | None = None) -> SampleOutput:
         """Draw ``shape[0]`` samples. The initial state is ``sigmas[0] * noise.initial(shape)`` unless ``x_init``
@@ -209,6 +221,9 @@ class Euler(SingleStepSampler):
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_euler(D, x, sigmas, callback=callback)
 
+    def solve_differentiable(self, D, x, sigmas):
+        return solvers.solve_euler(D, x, sigmas)
+
 
 def _heun_step(D, x: Tensor, sigma, sigma_next) -> tuple[Tensor, Tensor, Tensor]:
     """Heun's step with its per-sample NFE: 2, or 1 where ``sigma_next`` is 0 (no correction)."""
@@ -226,6 +241,9 @@ class Heun(SingleStepSampler):
 
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_heun(D, x, sigmas, callback=callback)
+
+    def solve_differentiable(self, D, x, sigmas):
+        return solvers.solve_heun(D, x, sigmas)
 
 
 class Ancestral(SingleStepSampler):
@@ -297,6 +315,9 @@ class DPMpp2M(Sampler):
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_dpmpp_2m(D, x, sigmas, callback=callback)
 
+    def solve_differentiable(self, D, x, sigmas):
+        return solvers.solve_dpmpp_2m(D, x, sigmas)
+
 
 class IPNDM(Sampler):
     """iPNDM (docs/method.md section 9): fixed-step Adams–Bashforth in sigma on ``d = (x - D) / sigma``, orders 1, 2,
@@ -320,6 +341,10 @@ class IPNDM(Sampler):
         return solvers.sample_ipndm(D, x, sigmas, max_order=self.max_order, afs=self.afs, data_mean=self.data_mean,
                                     variable_step=self.variable_step, callback=callback)
 
+    def solve_differentiable(self, D, x, sigmas):
+        return solvers.solve_ipndm(D, x, sigmas, max_order=self.max_order, afs=self.afs, data_mean=self.data_mean,
+                                   variable_step=self.variable_step)
+
     def __repr__(self) -> str:
         return (f"IPNDM(max_order={self.max_order}, afs={self.afs}, variable_step={self.variable_step}, "
                 f"schedule={self.schedule!r})")
@@ -338,6 +363,9 @@ class DPMpp3M(Sampler):
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_dpmpp_3m(D, x, sigmas, lower_order_final=self.lower_order_final, callback=callback)
 
+    def solve_differentiable(self, D, x, sigmas):
+        return solvers.solve_dpmpp_3m(D, x, sigmas, lower_order_final=self.lower_order_final)
+
 
 class UniPC(Sampler):
     """UniPC, bh2 variant on the data prediction (docs/method.md section 9): predictor UniP-p and corrector UniC-p,
@@ -355,6 +383,9 @@ class UniPC(Sampler):
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_unipc(D, x, sigmas, order=self.order, lower_order_final=self.lower_order_final,
                                     callback=callback)
+
+    def solve_differentiable(self, D, x, sigmas):
+        return solvers.solve_unipc(D, x, sigmas, order=self.order, lower_order_final=self.lower_order_final)
 
     def __repr__(self) -> str:
         return f"UniPC(order={self.order}, schedule={self.schedule!r})"
@@ -389,3 +420,14 @@ class Restart(Sampler):
     def _solve(self, D, x, sigmas, noise, callback):
         return solvers.sample_restart(D, x, sigmas, noise, t_max=self.t_max, restart_sigmas=self._restart_sigmas,
                                       t_min=self.t_min, K=self.K, S_noise=self.S_noise, callback=callback)
+
+
+def differentiable_samplers() -> list[str]:
+    """The names of the samplers with a differentiable solve (the ones LD3 and the pathwise tuner can tune)."""
+    names, todo = set(), [Sampler]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.solve_differentiable is not Sampler.solve_differentiable:
+            names.add(cls.name)
+    return sorted(names)

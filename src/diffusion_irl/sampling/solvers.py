@@ -149,14 +149,16 @@ def _ode_loop(step_fn, kind: str, D: Denoiser, x: Tensor, sigmas: Tensor, callba
     return x
 
 
-@torch.no_grad()
-def sample_euler(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
-    """Euler on the probability-flow ODE (= DDIM with eta 0). NFE = number of steps."""
+def solve_euler(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
+    """Euler on the probability-flow ODE (= DDIM with eta 0). NFE = number of steps.
+
+    The ``solve_*`` loops (Euler, Heun, DPM-Solver++(2M), iPNDM, DPM-Solver++(3M), UniPC) run with autograd as the
+    caller has it, so a tuner can backpropagate to ``x`` and ``sigmas`` (LD3, pathwise); each ``sample_*`` is the
+    same loop under ``torch.no_grad``."""
     return _ode_loop(euler_step, "euler", D, x, sigmas, callback)
 
 
-@torch.no_grad()
-def sample_heun(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
+def solve_heun(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
     """EDM Algorithm 1 (Heun, 2nd order). NFE = 2 * steps - 1."""
     return _ode_loop(heun_step, "heun", D, x, sigmas, callback)
 
@@ -202,8 +204,7 @@ def sample_edm_sde(D: Denoiser, x: Tensor, sigmas: Tensor, noise, S_churn: float
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
+def solve_dpmpp_2m(D: Denoiser, x: Tensor, sigmas: Tensor, callback=None) -> Tensor:
     """DPM-Solver++(2M). NFE = steps."""
     old = None
     for i in range(len(sigmas) - 1):
@@ -292,8 +293,7 @@ def ipndm_step(x: Tensor, sigma, sigma_next, ds: list[Tensor], old_sigmas: list 
     return x + append_dims(h, x.ndim) * slope
 
 
-@torch.no_grad()
-def sample_ipndm(D: Denoiser, x: Tensor, sigmas: Tensor, max_order: int = 4, afs: bool = False,
+def solve_ipndm(D: Denoiser, x: Tensor, sigmas: Tensor, max_order: int = 4, afs: bool = False,
                  data_mean: float | Tensor = 0.0, variable_step: bool = False, callback=None) -> Tensor:
     """iPNDM: :func:`ipndm_step` of order ``min(i + 1, max_order)`` at step i on ``d_i = (x_i - D(x_i, sigma_i)) /
     sigma_i`` (lower-order warm start; fixed-step weights as in docs/method.md section 9, or the variable-step ones
@@ -367,8 +367,7 @@ def multistep_order(i: int, steps: int, max_order: int, lower_order_final: bool,
     return order
 
 
-@torch.no_grad()
-def sample_dpmpp_3m(D: Denoiser, x: Tensor, sigmas: Tensor, lower_order_final: bool = True, callback=None) -> Tensor:
+def solve_dpmpp_3m(D: Denoiser, x: Tensor, sigmas: Tensor, lower_order_final: bool = True, callback=None) -> Tensor:
     """DPM-Solver++(3M): :func:`dpmpp_multistep_step` at order 1, 2, then 3; with ``lower_order_final`` and fewer
     than 15 steps, the last two steps use orders 2 and 1; a step to sigma 0 is always first order (``x = D``).
     NFE = steps."""
@@ -438,8 +437,7 @@ def unipc_update(x: Tensor, sigma, sigma_next, denoised: Tensor, old: list[Tenso
     return torch.where(a(last), denoised, out)
 
 
-@torch.no_grad()
-def sample_unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 3, lower_order_final: bool = True,
+def solve_unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 3, lower_order_final: bool = True,
                  callback=None) -> Tensor:
     """UniPC (bh2, data prediction): at step i, the predictor UniP-p (p = ``min(order, i + 1)``, and with
     ``lower_order_final`` at most ``steps - i``) gives ``x_pred``; then, except after the last step, the denoiser at
@@ -462,3 +460,19 @@ def sample_unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 3, lower_o
         old, old_sigmas = ([den] + old)[: order - 1], ([sigma] + old_sigmas)[: order - 1]
         x, sigma, den = x_next, sigma_next, den_next
     return x
+
+
+def _without_grad(solve: Callable, name: str) -> Callable:
+    """``solve`` under ``torch.no_grad``, named ``name`` (the samplers' entry points)."""
+    fn = torch.no_grad()(solve)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"{solve.__name__} without autograd. " + (solve.__doc__ or "")
+    return fn
+
+
+sample_euler = _without_grad(solve_euler, "sample_euler")
+sample_heun = _without_grad(solve_heun, "sample_heun")
+sample_dpmpp_2m = _without_grad(solve_dpmpp_2m, "sample_dpmpp_2m")
+sample_ipndm = _without_grad(solve_ipndm, "sample_ipndm")
+sample_dpmpp_3m = _without_grad(solve_dpmpp_3m, "sample_dpmpp_3m")
+sample_unipc = _without_grad(solve_unipc, "sample_unipc")

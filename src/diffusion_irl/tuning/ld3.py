@@ -11,10 +11,9 @@ The variant implemented here:
 - **Teacher pairs**: ``num_pairs`` initial noises ``x_T = sigma_max eps`` (seeds from ``("tune", "ld3", seed)``)
   and ``x_0^teacher`` = Heun (EDM Algorithm 1) with ``teacher_steps`` steps on the default Karras schedule (rho 7)
   from ``sigma_max`` to ``sigma_min``, then 0. Cost: ``num_pairs (2 teacher_steps - 1)`` evaluations.
-- **Student**: the tuned solver run on the learned schedule with autograd on (:func:`solve`, a differentiable
-  loop: Euler and Heun call ``solvers.euler_step`` / ``solvers.heun_step``, DPM-Solver++(2M) calls
-  ``solvers.dpmpp_2m_step``; iPNDM is a small local loop with the Adams-Bashforth coefficients of docs/method.md
-  section 9, because the sampler's own loop runs under ``torch.no_grad``).
+- **Student**: the tuned solver run on the learned schedule with autograd on (:func:`solve`: the sampler's own
+  loop with its own options, ``Sampler.solve_differentiable``; Euler, Heun, DPM-Solver++(2M), iPNDM,
+  DPM-Solver++(3M) and UniPC have one).
 - **Slack**: the student starts from ``x_T' = x_T + r ||x_T|| u_b`` with ``u_b`` a per-pair free vector projected
   onto the unit ball (``u <- u / max(1, ||u||)``), optimised jointly with the logits.
 - **Loss**: ``L(xi, u) = mean_b || phi(Psi_xi(x_T'_b)) - phi(x_0^teacher_b) ||_2^2 / dim phi``. ``distance``
@@ -32,15 +31,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from diffusion_irl.sampling.samplers import seed_conditioned
+from diffusion_irl.sampling.samplers import differentiable_samplers, seed_conditioned
 from diffusion_irl.sampling.schedules import karras_sigmas
-from diffusion_irl.sampling.solvers import dpmpp_2m_step, euler_step, heun_step, sample_heun, to_d
+from diffusion_irl.sampling.solvers import sample_heun
 from diffusion_irl.tensors import append_dims
 from diffusion_irl.tuning.tuners import Tuner, initial_noise, positive_int, sigma_range
-
-# the Adams-Bashforth coefficients of iPNDM's orders 1..4 (docs/method.md section 9), newest slope first
-IPNDM_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
-
 
 class LogSigmaLevels(nn.Module):
     """``N`` logits -> ``N + 1`` levels ``s_0 = sigma_max > ... > s_N = sigma_min`` (increments
@@ -63,45 +58,15 @@ class LogSigmaLevels(nn.Module):
         return torch.cat([levels[:-1], levels.new_zeros(1)])
 
 
-def _ipndm(D, x: Tensor, sigmas: Tensor) -> Tensor:
-    """iPNDM: ``x += h sum_m c_m d_{i-m}`` with the order ``min(i, 3) + 1`` coefficients (docs/method.md 9)."""
-    slopes: list[Tensor] = []
-    for i in range(len(sigmas) - 1):
-        sigma = sigmas[i].expand(x.shape[0])
-        slopes.insert(0, to_d(x, sigma, D(x, sigma)))
-        slopes = slopes[:4]
-        coefs = IPNDM_COEFFICIENTS[len(slopes) - 1]
-        x = x + (sigmas[i + 1] - sigmas[i]) * sum(c * d for c, d in zip(coefs, slopes))
-    return x
+def solve(sampler, D, x: Tensor, sigmas: Tensor) -> Tensor:
+    """``sampler``'s solver from ``x`` along ``sigmas`` with autograd on (differentiable in ``x`` and ``sigmas``)."""
+    return sampler.solve_differentiable(D, x, sigmas.to(x.dtype))
 
 
-def _dpmpp_2m(D, x: Tensor, sigmas: Tensor) -> Tensor:
-    old = None
-    for i in range(len(sigmas) - 1):
-        den = D(x, sigmas[i].expand(x.shape[0]))
-        x_next = dpmpp_2m_step(x, sigmas[i], sigmas[i + 1], den, old, sigmas[i - 1] if i > 0 else None)
-        old, x = den, x_next
-    return x
-
-
-def _single_step(step):
-    def solve(D, x: Tensor, sigmas: Tensor) -> Tensor:
-        for i in range(len(sigmas) - 1):
-            x, _ = step(D, x, sigmas[i], sigmas[i + 1])
-        return x
-
-    return solve
-
-
-SOLVERS = {"euler": _single_step(euler_step), "heun": _single_step(heun_step), "ipndm": _ipndm,
-           "dpmpp_2m": _dpmpp_2m}
-
-
-def solve(name: str, D, x: Tensor, sigmas: Tensor) -> Tensor:
-    """The solver ``name`` from ``x`` along ``sigmas`` (autograd on: differentiable in ``x`` and ``sigmas``)."""
-    if name not in SOLVERS:
-        raise ValueError(f"ld3 backpropagates through the solvers {sorted(SOLVERS)} only, not {name}")
-    return SOLVERS[name](D, x, sigmas.to(x.dtype))
+def check_differentiable(sampler, tuner: str) -> None:
+    if not sampler.differentiable:
+        raise ValueError(f"tuner={tuner} backpropagates through the solvers {differentiable_samplers()} only; "
+                         f"sampler {sampler.name} is not one of them")
 
 
 def project_ball(u: Tensor) -> Tensor:
@@ -110,12 +75,12 @@ def project_ball(u: Tensor) -> Tensor:
     return u / append_dims(norm, u.ndim)
 
 
-def ld3_loss(name: str, D, sigmas: Tensor, x_T: Tensor, u: Tensor | None, radius: Tensor, target: Tensor,
+def ld3_loss(sampler, D, sigmas: Tensor, x_T: Tensor, u: Tensor | None, radius: Tensor, target: Tensor,
              features=None) -> Tensor:
     """``mean_b || phi(Psi(x_T + r_b proj(u_b))) - phi(x_0^teacher_b) ||^2 / dim phi`` (``u`` None: no slack;
     ``features`` None: ``phi`` is the identity, else ``target`` holds the teacher's features)."""
     start = x_T if u is None else x_T + append_dims(radius, x_T.ndim) * project_ball(u)
-    out = solve(name, D, start, sigmas)
+    out = solve(sampler, D, start, sigmas)
     if features is not None:
         out = features(out)
     return (out - target).flatten(1).pow(2).sum(1).mean() / target[0].numel()
@@ -169,9 +134,7 @@ class LD3Tuner(Tuner):
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
-        if sampler.name not in SOLVERS:
-            raise ValueError(f"tuner=ld3 backpropagates through the solvers {sorted(SOLVERS)} only; "
-                             f"sampler {sampler.name} is not one of them")
+        check_differentiable(sampler, "ld3")
         return steps
 
     def teacher(self, D, shape, seed: int, device) -> tuple[Tensor, Tensor, Callable]:
@@ -196,7 +159,7 @@ class LD3Tuner(Tuner):
         losses, best = [], (float("inf"), None)
         for _ in range(self.iterations):
             sigmas = levels()
-            loss = ld3_loss(sampler.name, D, sigmas, x_T, u, radius, target, features)
+            loss = ld3_loss(sampler, D, sigmas, x_T, u, radius, target, features)
             losses.append(float(loss.detach()))
             if losses[-1] < best[0]:
                 best = (losses[-1], sigmas.detach().cpu())

@@ -50,7 +50,7 @@ from diffusion_irl.rl.rewards import Reward
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.samplers import seed_conditioned
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
-from diffusion_irl.tuning.ld3 import SOLVERS, solve
+from diffusion_irl.tuning.ld3 import check_differentiable, solve
 from diffusion_irl.tuning.grid import mean_scores, selection_scorer
 from diffusion_irl.tuning.tuners import Tuner, positive_int, sigma_range, with_schedule
 
@@ -141,7 +141,8 @@ class PathwiseTuner(Tuner):
         disc_sigmas: the noise levels both classes are compared at (each sample draws one).
         average: the fraction of the last iterations whose log-levels are averaged into a checkpoint's schedule.
         num_train: training points the real class is drawn from.
-        starts: first levels of the Karras starts (``init_sigma_min``, ``init_rho``); null: one start at ``init``.
+        starts: first levels of the Karras starts (``init_sigma_min``, ``init_rho``), or ``sampler``: the solver's
+            own schedule as one of the starts; null: one start at ``init``.
         explore: iterations of every start before the best one (training-split score) goes on.
         select_every: the chosen start's schedule is scored on the training split every this many iterations
             and at the end; the best checkpoint (the starts' choice, or a single start itself, included) is
@@ -193,11 +194,11 @@ class PathwiseTuner(Tuner):
         if not 0 < average <= 1:
             raise ValueError(f"tuner.average must be in (0, 1], got {average}")
         self.average = float(average)
-        self.starts = [float(v) for v in starts] if starts else None
+        self.starts = [v if v == "sampler" else float(v) for v in starts] if starts else None
         if self.starts is not None:
-            if not all(self.sigma_low <= v <= self.sigma_high for v in self.starts):
-                raise ValueError(f"tuner.starts must lie in [sigma_low, sigma_high] = [{self.sigma_low}, "
-                                 f"{self.sigma_high}], got {self.starts}")
+            if not all(v == "sampler" or self.sigma_low <= v <= self.sigma_high for v in self.starts):
+                raise ValueError(f"tuner.starts must be first levels in [sigma_low, sigma_high] = [{self.sigma_low}, "
+                                 f"{self.sigma_high}] or 'sampler' (the solver's own schedule), got {self.starts}")
             if self.init not in ("sampler", "karras"):
                 raise ValueError("tuner.starts are Karras starts; a schedule file (tuner.init) is one start: "
                                  "set tuner.starts=null")
@@ -217,9 +218,7 @@ class PathwiseTuner(Tuner):
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
-        if sampler.name not in SOLVERS:
-            raise ValueError(f"tuner=pathwise backpropagates through the solvers {sorted(SOLVERS)} only; "
-                             f"sampler {sampler.name} is not one of them")
+        check_differentiable(sampler, "pathwise")
         if self.init not in ("sampler", "karras"):
             sigmas = SigmaSchedule(path=self.init).sigmas
             if len(sigmas) != steps + 1:
@@ -227,11 +226,14 @@ class PathwiseTuner(Tuner):
                                  f"takes {steps}")
         return steps
 
-    def levels(self, sampler, steps: int, first: float | None = None) -> nn.Module:
-        """The learned schedule's module at its starting point; ``first``: a Karras start at that first level."""
+    def levels(self, sampler, steps: int, first: float | str | None = None) -> nn.Module:
+        """The learned schedule's module at its starting point; ``first``: a Karras start at that first level, or
+        ``"sampler"``: the solver's own schedule (None: ``init``)."""
+        init = "sampler" if first == "sampler" else self.init
+        first = None if first == "sampler" else first
         if first is not None:
             smin, smax, rho = min(self.init_sigma_min, 0.5 * first), first, self.init_rho
-        elif self.init == "sampler" and self.parametrization == "karras":
+        elif init == "sampler" and self.parametrization == "karras":
             schedule = getattr(sampler, "schedule", None)
             smin = float(getattr(schedule, "sigma_min", self.init_sigma_min))
             smax = float(getattr(schedule, "sigma_max", self.init_sigma_max))
@@ -240,13 +242,13 @@ class PathwiseTuner(Tuner):
             smin, smax, rho = self.init_sigma_min, self.init_sigma_max, self.init_rho
         if self.parametrization == "karras":
             return KarrasLevels(steps, smin, smax, rho, self.sigma_low, self.sigma_high)
-        if first is not None or self.init == "karras":
-            init = karras_sigmas(steps, smin, smax, rho)
-        elif self.init == "sampler":
-            init = sampler.sigmas(steps).double()
+        if first is not None or init == "karras":
+            start = karras_sigmas(steps, smin, smax, rho)
+        elif init == "sampler":
+            start = sampler.sigmas(steps).double()
         else:
-            init = torch.as_tensor(SigmaSchedule(path=self.init).sigmas, dtype=torch.float64)
-        return FreeLevels(init.cpu(), self.sigma_low, self.sigma_high)
+            start = torch.as_tensor(SigmaSchedule(path=init).sigmas, dtype=torch.float64)
+        return FreeLevels(start.cpu(), self.sigma_low, self.sigma_high)
 
     def network(self, datamodule) -> nn.Module:
         """A fresh copy of the discriminator network (``auto``: sized for ``datamodule``'s samples)."""
@@ -363,7 +365,7 @@ class _Run:
         eps = NoiseStream(device=self.device, seeds=seeds).initial((batch, *self.shape))
         with torch.set_grad_enabled(grad):
             sigmas = self.levels()
-            return solve(self.sampler.name, seed_conditioned(self.D, seeds), eps * sigmas[0].to(eps.dtype), sigmas)
+            return solve(self.sampler, seed_conditioned(self.D, seeds), eps * sigmas[0].to(eps.dtype), sigmas)
 
     def disc_step(self, fake: Tensor) -> dict:
         sigma = self.draw_sigma(len(fake))
