@@ -144,7 +144,8 @@ def test_pathwise_tunes_a_multistep_solver_from_its_own_schedule(datamodule):
     result = tuner.tune(sampler, D, datamodule, 6, seed=0)
     assert [s["first_level"] for s in result.details["starts"]] == ["sampler", 5.0]
     own = result.details["checkpoints"][0]
-    assert own["iteration"] == 0 and result.details["selected_score"] <= own["score"]
+    assert own["iteration"] == 0 and own["start"] == "sampler" and result.details["selected_score"] <= own["score"]
+    assert result.details["selected_checkpoint_start"] in ("sampler", 5.0)
     tuned = with_schedule(sampler, SigmaSchedule(result.sigmas.tolist()))
     assert _train_score(datamodule, tuned, 6, D) < 0.6 * _train_score(datamodule, sampler, 6, D)
 

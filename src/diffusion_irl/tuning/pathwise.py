@@ -293,11 +293,11 @@ class PathwiseTuner(Tuner):
 
         explore = min(self.explore, self.iterations) if len(runs) > 1 else 0
         details: dict = {"select_metric": metric}
-        checkpoints: list[tuple[int, Tensor, float]] = []  # (iteration, schedule, training-split score)
+        checkpoints: list[tuple[int, Tensor, float, object]] = []  # (iteration, schedule, training score, start)
         if len(runs) > 1:
             if self.select_every:  # every start is a candidate too: the result is never worse than the best start
                 starts = [run.result() for run in runs]
-                checkpoints += [(0, start, value) for start, value in zip(starts, scores(starts))]
+                checkpoints += [(0, start, value, first) for start, value, first in zip(starts, scores(starts), firsts)]
             for run in runs:
                 run.train(explore)
             results = [run.result() for run in runs]
@@ -310,10 +310,10 @@ class PathwiseTuner(Tuner):
                                  for first, v, r in zip(firsts, values, results)]
             details["selected_start"] = firsts[best]
             runs = [runs[best]]
-            checkpoints.append((explore, results[best], values[best]))
+            checkpoints.append((explore, results[best], values[best], firsts[best]))
         elif self.select_every:
             start = runs[0].result()  # a single start (a warm start from a tuned schedule) is a checkpoint too
-            checkpoints.append((0, start, scores([start])[0]))
+            checkpoints.append((0, start, scores([start])[0], firsts[0]))
         run, remaining = runs[0], self.iterations - explore
         while remaining > 0:
             chunk = min(self.select_every or remaining, remaining)
@@ -321,15 +321,17 @@ class PathwiseTuner(Tuner):
             remaining -= chunk
             if self.select_every:
                 result = run.result()
-                checkpoints.append((run.iteration, result, scores([result])[0]))
+                origin = details.get("selected_start", firsts[0])
+                checkpoints.append((run.iteration, result, scores([result])[0], origin))
         if self.select_every:
             finite = [c for c in checkpoints if math.isfinite(c[2])]
             if not finite:
                 raise RuntimeError("tuner=pathwise: every checkpoint's samples scored NaN / inf")
-            iteration, sigmas, selected = min(finite, key=lambda c: c[2])
-            details["checkpoints"] = [{"iteration": it, "score": v} for it, _, v in checkpoints]
+            iteration, sigmas, selected, origin = min(finite, key=lambda c: c[2])
+            details["checkpoints"] = [{"iteration": it, "score": v, "start": st} for it, _, v, st in checkpoints]
             details["selected_score"] = selected
             details["selected_iteration"] = iteration
+            details["selected_checkpoint_start"] = origin  # the start the returned schedule came from
         else:
             sigmas = run.result()
         return sigmas, {**details, "initial_sigmas": [float(v) for v in run.start], "averaged_iterations": run.kept,
