@@ -251,6 +251,12 @@ def test_tune_writes_a_schedule_the_evaluator_runs(tuner, tmp_path, monkeypatch)
     assert {"tuner", "solver", "nfe", "steps", "cost_nfe", "wall_seconds", "settings"} <= set(record)
     assert record["cost_nfe"] == result.cost_nfe > 0
     assert (tmp_path / "tune" / "grid.csv").is_file() == (tuner == "grid")
+    history = tmp_path / "tune" / "history.csv"
+    assert history.is_file() == (tuner == "ld3")  # the per-iteration curves of the gradient tuners
+    if tuner == "ld3":
+        lines = history.read_text().splitlines()
+        assert lines[0] == "iteration,loss" and len(lines) == 1 + len(result.details["losses"])
+        assert float(lines[1].split(",")[1]) == pytest.approx(result.details["losses"][0], rel=1e-5)
     if tuner == "grid":
         assert "best" in record and record["best_score"] == result.details["best_score"]
         assert len((tmp_path / "tune" / "grid.csv").read_text().splitlines()) == 1 + 8

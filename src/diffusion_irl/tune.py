@@ -9,6 +9,8 @@ the Hydra run directory:
 - ``tuning.json``: tuner, solver, nfe, steps, sigmas, cost in denoiser evaluations, wall time, the tuner's settings
   (and for the grid the best point and its training-split score);
 - ``grid.csv`` (grid only): every point's training-split score.
+- ``history.csv`` (ld3, pathwise): the per-iteration curves (loss; pathwise also discriminator accuracy and logits,
+  first level, gradient norm).
 
 Evaluate the result as a row of the evaluator (held-out data)::
 
@@ -68,6 +70,8 @@ def write_results(cfg: DictConfig, result: TuningResult, data: str) -> dict:
     if "points" in result.details:
         paths["grid"] = out / cfg.out.grid
         write_grid_csv(result.details["points"], result.details["metric"], paths["grid"])
+    if result.write_history(out / cfg.out.history):
+        paths["history"] = out / cfg.out.history
     return paths
 
 

@@ -60,8 +60,9 @@ def impossible(tuners: Mapping[str, Tuner], solvers: Mapping[str, Sampler],
 def tune_rows(tuners: Mapping[str, Tuner], solvers: Mapping[str, Sampler], nfes: Sequence[int], denoiser,
               datamodule, seed: int = 0, device: torch.device | str = "cpu", out: Path | None = None,
               skip_impossible: bool = False, progress: bool = True) -> list[TunedRow]:
-    """Tune every solver at every budget with every tuner. ``out``: write ``schedules/<row>_nfe<k>.json`` (and, for
-    the grid, ``schedules/<row>_nfe<k>_grid.csv``) and one ``tuning.json`` holding every result's record. A
+    """Tune every solver at every budget with every tuner. ``out``: write ``schedules/<row>_nfe<k>.json`` (for the
+    grid ``schedules/<row>_nfe<k>_grid.csv``, for LD3 and pathwise ``<row>_nfe<k>_history.csv``, the per-iteration
+    curves) and one ``tuning.json`` holding every result's record. A
     combination a tuner cannot meet is a ``ValueError`` naming all of them, or is skipped (and reported) with
     ``skip_impossible``."""
     problems = impossible(tuners, solvers, nfes)
@@ -94,6 +95,7 @@ def write_tuned(rows: Sequence[TunedRow], out: Path) -> Path:
         row.result.write_schedule(folder / f"{stem}.json")
         if "points" in row.result.details:
             write_grid_csv(row.result.details["points"], row.result.details["metric"], folder / f"{stem}_grid.csv")
+        row.result.write_history(folder / f"{stem}_history.csv")
         records.append({"row": row.name, "schedule": f"schedules/{stem}.json", **row.result.record()})
     path = out / "tuning.json"
     path.write_text(json.dumps(records, indent=2) + "\n")

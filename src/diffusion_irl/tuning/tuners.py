@@ -65,6 +65,26 @@ class TuningResult:
                 "denoiser_calls": self.denoiser_calls, "wall_seconds": self.wall_seconds,
                 "settings": self.settings, **details}
 
+    def history(self) -> dict[str, list[float]] | None:
+        """The tuner's per-iteration curves (pathwise: loss, discriminator accuracy and logits, first level,
+        gradient norm; LD3: loss), or None for tuners without iterations."""
+        if "history" in self.details:
+            return self.details["history"]
+        return {"loss": self.details["losses"]} if "losses" in self.details else None
+
+    def write_history(self, path: str | Path) -> bool:
+        """``history.csv``: one line per iteration of :meth:`history` (nothing written, False, without one)."""
+        history = self.history()
+        if not history:
+            return False
+        keys = list(history)
+        with open(path, "w") as f:
+            f.write(",".join(["iteration", *keys]) + "\n")
+            for i in range(max(len(v) for v in history.values())):
+                cells = (f"{history[k][i]:.6g}" if i < len(history[k]) else "" for k in keys)
+                f.write(",".join([str(i), *cells]) + "\n")
+        return True
+
     def write_schedule(self, path: str | Path) -> None:
         """``schedule.json``: readable by :class:`SigmaSchedule` (``schedule.path=...``)."""
         write_sigmas(self.sigmas, path, {"tuner": self.tuner, "solver": self.solver, "nfe": self.nfe,
