@@ -37,6 +37,7 @@ from diffusion_irl.sampling.solvers import sample_heun
 from diffusion_irl.tensors import append_dims
 from diffusion_irl.tuning.tuners import Tuner, initial_noise, positive_int, sigma_range
 
+
 class LogSigmaLevels(nn.Module):
     """``N`` logits -> ``N + 1`` levels ``s_0 = sigma_max > ... > s_N = sigma_min`` (increments
     ``softmax(logits)`` of the log range); ``forward()`` is the schedule ``[s_0 .. s_{N-1}, 0]`` (float64)."""
