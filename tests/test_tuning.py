@@ -25,7 +25,7 @@ from diffusion_irl.tuning.grid import GridTuner
 from diffusion_irl.tuning.ld3 import LD3Tuner, LogSigmaLevels, solve
 from diffusion_irl.tuning.tuners import load_tuned_sampler, with_schedule
 
-from .conftest import CONF, ROOT
+from .conftest import ROOT
 from .helpers import compose_config, load_sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -140,7 +140,7 @@ class Sampler:
     def differentiable(self) -> bool:
         """Whether :meth:`solve_differentiable` exists: a deterministic solve that backpropagates to ``x`` and to
         ``sigmas`` (what LD3 and the pathwise tuner need)."""
-        return type(self).solve_differentiable is not Sampler.solve_differentiable
+        return _has_differentiable_solve(type(self))
 
     def solve_differentiable(self, D, x: Tensor, sigmas: Tensor) -> Tensor:
         """The solver from ``x`` (already scaled) along ``sigmas`` with autograd on: the same loop as :meth:`sample`
@@ -422,12 +422,16 @@ class Restart(Sampler):
                                       t_min=self.t_min, K=self.K, S_noise=self.S_noise, callback=callback)
 
 
+def _has_differentiable_solve(cls: type) -> bool:
+    return cls.solve_differentiable is not Sampler.solve_differentiable
+
+
 def differentiable_samplers() -> list[str]:
     """The names of the samplers with a differentiable solve (the ones LD3 and the pathwise tuner can tune)."""
     names, todo = set(), [Sampler]
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        if cls.solve_differentiable is not Sampler.solve_differentiable:
+        if _has_differentiable_solve(cls):
             names.add(cls.name)
     return sorted(names)

@@ -294,7 +294,7 @@ def ipndm_step(x: Tensor, sigma, sigma_next, ds: list[Tensor], old_sigmas: list 
 
 
 def solve_ipndm(D: Denoiser, x: Tensor, sigmas: Tensor, max_order: int = 4, afs: bool = False,
-                 data_mean: float | Tensor = 0.0, variable_step: bool = False, callback=None) -> Tensor:
+                data_mean: float | Tensor = 0.0, variable_step: bool = False, callback=None) -> Tensor:
     """iPNDM: :func:`ipndm_step` of order ``min(i + 1, max_order)`` at step i on ``d_i = (x_i - D(x_i, sigma_i)) /
     sigma_i`` (lower-order warm start; fixed-step weights as in docs/method.md section 9, or the variable-step ones
     with ``variable_step``). ``afs`` (analytic first step): ``D(x_0, sigma_0)`` is replaced by ``data_mean`` (a float
@@ -438,7 +438,7 @@ def unipc_update(x: Tensor, sigma, sigma_next, denoised: Tensor, old: list[Tenso
 
 
 def solve_unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 3, lower_order_final: bool = True,
-                 callback=None) -> Tensor:
+                callback=None) -> Tensor:
     """UniPC (bh2, data prediction): at step i, the predictor UniP-p (p = ``min(order, i + 1)``, and with
     ``lower_order_final`` at most ``steps - i``) gives ``x_pred``; then, except after the last step, the denoiser at
     ``(x_pred, sigma_{i+1})`` feeds the corrector UniC-p, which gives ``x_{i+1}``, and is reused as ``D_{i+1}`` by the

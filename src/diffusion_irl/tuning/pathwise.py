@@ -315,13 +315,13 @@ class PathwiseTuner(Tuner):
             start = runs[0].result()  # a single start (a warm start from a tuned schedule) is a checkpoint too
             checkpoints.append((0, start, scores([start])[0], firsts[0]))
         run, remaining = runs[0], self.iterations - explore
+        origin = details.get("selected_start", firsts[0])  # the start the later checkpoints come from
         while remaining > 0:
             chunk = min(self.select_every or remaining, remaining)
             run.train(chunk)
             remaining -= chunk
             if self.select_every:
                 result = run.result()
-                origin = details.get("selected_start", firsts[0])
                 checkpoints.append((run.iteration, result, scores([result])[0], origin))
         if self.select_every:
             finite = [c for c in checkpoints if math.isfinite(c[2])]
