@@ -167,3 +167,93 @@ def test_pathwise_tuning_does_not_depend_on_the_global_generator(datamodule):
     torch.randn(1000)
     second = tuner.tune(Euler(), D, datamodule, 4, seed=3).sigmas
     assert torch.equal(first, second)
+
+
+def test_feature_discriminator_is_frozen_and_passes_the_gradient_to_its_input():
+    from diffusion_irl.discriminator.networks import FeatureDiscriminator
+
+    phi = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5))
+    before = [p.detach().clone() for p in phi.parameters()]
+    disc = FeatureDiscriminator(phi, torch.zeros(5), torch.ones(5), hidden=16, depth=1, emb_dim=8, num_classes=3)
+    disc.train()
+    assert not phi.training and all(not p.requires_grad for p in phi.parameters())
+    trainable = [p for p in disc.parameters() if p.requires_grad]
+    assert trainable and all(any(p is q for q in disc.head.parameters()) for p in trainable)
+    x = torch.randn(6, 1, 8, 8, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    logit = disc(x, torch.full((6,), 0.05), labels)
+    assert logit.shape == (6,)
+    logit.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    opt = torch.optim.Adam(trainable, lr=0.1)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, phi.parameters()))
+    with pytest.raises(ValueError, match="needs the class labels"):
+        disc(x, 0.05)
+
+
+def test_pathwise_label_conditional_feature_discriminator_on_images(tmp_path, monkeypatch):
+    """``conditional=true`` with ``discriminator=features`` on a class-conditional image denoiser: every real partner
+    the discriminator sees is of its sample's class (``seed mod num_classes``), the feature network stays as the
+    classifier the evaluator trains (frozen), and the MLP head learns."""
+    import diffusion_irl.discriminator.module as dmod
+    from diffusion_irl.data.shapes import ShapesDataModule
+    from diffusion_irl.evaluation import feature_classifier_for
+
+    dm = ShapesDataModule(n_train=400, n_heldout=200, resolution=8)
+    dm.setup()
+
+    class Conditional(torch.nn.Module):
+        num_classes = 4
+
+        def forward(self, x, sigma, labels=None):
+            assert labels is not None
+            s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            return x / (1 + s**2) + 0.01 * labels.to(x.dtype).reshape(-1, 1, 1, 1)
+
+    pairs = []
+    original = dmod.same_label_indices
+
+    def spy(data_labels, labels, generator=None):
+        idx = original(data_labels, labels, generator)
+        pairs.append((data_labels[idx].clone(), labels.clone()))
+        return idx
+
+    monkeypatch.setattr(dmod, "same_label_indices", spy)
+    nets = []
+    build = PathwiseTuner.seeded_network
+
+    def keep(self, *args, **kwargs):
+        nets.append(build(self, *args, **kwargs))
+        nets.append({k: v.detach().clone() for k, v in nets[-1].head.state_dict().items()})
+        return nets[-2]
+
+    monkeypatch.setattr(PathwiseTuner, "seeded_network", keep)
+    tuner = PathwiseTuner(discriminator="features", conditional=True, iterations=3, batch=8, disc_warmup=2,
+                          starts=None, select_every=0, feature_cache=str(tmp_path))
+    result = tuner.tune(Euler(), Conditional(), dm, 4, seed=0)
+    assert result.details["history"]["disc_acc"] and result.record()["settings"]["conditional"] is True
+    assert len(pairs) == 2 + 3 * 2  # warm-up and two discriminator steps per iteration
+    for real_labels, labels in pairs:
+        assert torch.equal(real_labels.cpu(), labels.cpu())
+    assert {int(v) for _, labels in pairs for v in labels} == {0, 1, 2, 3}
+    disc, head_before = nets
+    classifier = feature_classifier_for(dm, tmp_path)  # the evaluator's network, from the same cache
+    assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(),
+                                                 disc.features.classifier.state_dict().values()))
+    assert any(not torch.equal(v, disc.head.state_dict()[k]) for k, v in head_before.items())
+    with pytest.raises(ValueError, match="needs a class-conditional denoiser"):
+        tuner.tune(Euler(), lambda x, sigma: x, dm, 4)
+
+
+def test_pathwise_optimizer_and_discriminator_choices(datamodule):
+    D = AnalyticDenoiser(datamodule.law)
+    result = PathwiseTuner(iterations=2, batch=16, disc_warmup=1, starts=None, select_every=0, optimizer="sgd",
+                           lr=0.01).tune(Euler(), D, datamodule, 4, seed=0)
+    assert result.record()["settings"]["optimizer"] == "sgd" and len(result.details["losses"]) == 2
+    with pytest.raises(ValueError, match="tuner.optimizer must be one of"):
+        PathwiseTuner(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="tuner.conditional must be true or false"):
+        PathwiseTuner(conditional="yes")
+    with pytest.raises(ValueError, match="discriminator=features is for images"):
+        PathwiseTuner(discriminator="features", iterations=1, starts=None).tune(Euler(), D, datamodule, 4)

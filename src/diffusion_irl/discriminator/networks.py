@@ -169,3 +169,42 @@ class CNNDiscriminator(_NoiseConditional):
         h = F.adaptive_avg_pool2d(F.silu(h), self.pool).flatten(1)
         h = self.fc(h) + self.fc_emb(emb)
         return self.out(F.silu(h)).squeeze(-1).to(x.dtype)
+
+
+class FeatureDiscriminator(nn.Module):
+    """A discriminator in the space of a frozen feature network: ``d(x, sigma) = h((phi(x) - mean) / std, sigma)``,
+    with ``h`` an :class:`MLPDiscriminator` on the standardised features (its noise embedding tells the levels apart).
+
+    For images whose sample quality is judged in a classifier's features (the evaluator's Fréchet distance): a
+    pixel-space CNN can keep finding differences those features do not see, and its reward then pulls away from
+    what is measured. ``phi`` is never trained (its parameters are frozen and it stays in eval mode); the gradient
+    still flows through it to ``x``.
+
+    Args:
+        features: the network ``phi: [B, *shape] -> [B, F]`` (e.g. ``FeatureClassifier.features``; an
+            ``nn.Module``).
+        mean, std: ``[F]`` statistics of ``phi`` on training data (std floored at 1e-6).
+        hidden, depth, emb_dim, num_classes: the MLP head's (see :class:`MLPDiscriminator`).
+    """
+
+    def __init__(self, features: nn.Module, mean: Tensor, std: Tensor, hidden: int = 128, depth: int = 2,
+                 emb_dim: int = 32, num_classes: int = 0):
+        super().__init__()
+        mean, std = torch.as_tensor(mean, dtype=torch.float32).reshape(-1), torch.as_tensor(std, dtype=torch.float32)
+        if std.reshape(-1).shape != mean.shape:
+            raise ValueError(f"FeatureDiscriminator: mean and std must have the same size, got {tuple(mean.shape)} "
+                             f"and {tuple(std.shape)}")
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std.reshape(-1).clamp_min(1e-6))
+        self.head = MLPDiscriminator([mean.numel()], hidden, depth, emb_dim, sigma_data=1.0, num_classes=num_classes)
+        self.num_classes = self.head.num_classes
+
+    def train(self, mode: bool = True) -> "FeatureDiscriminator":
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def forward(self, x: Tensor, sigma: float | Tensor, labels: Tensor | None = None) -> Tensor:
+        phi = self.features(x.to(self.mean.dtype))
+        return self.head((phi - self.mean) / self.std, sigma, labels).to(x.dtype)

@@ -48,7 +48,7 @@ from diffusion_irl import seeding
 from diffusion_irl.discriminator.module import discriminator_loss, forward_noise, paired_batch
 from diffusion_irl.rl.rewards import Reward
 from diffusion_irl.sampling.noise import NoiseStream
-from diffusion_irl.sampling.samplers import seed_conditioned
+from diffusion_irl.sampling.samplers import seed_conditioned, seed_labels
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
 from diffusion_irl.tuning.ld3 import check_differentiable, solve
 from diffusion_irl.tuning.grid import mean_scores, selection_scorer
@@ -57,6 +57,7 @@ from diffusion_irl.tuning.tuners import Tuner, positive_int, sigma_range, with_s
 log = logging.getLogger(__name__)
 
 PARAMETRIZATIONS = ("free", "karras")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:
@@ -120,22 +121,29 @@ class KarrasLevels(nn.Module):
         return torch.cat([self.log_levels().exp(), self.log_max.new_zeros(1)])
 
 
-def generator_loss(disc: nn.Module, x: Tensor, sigma: Tensor, reward: Reward) -> Tensor:
-    """``-mean r(d(x, sigma))``: minimised by the schedule (its gradient flows through ``x`` only; the caller keeps
-    the discriminator's parameters out of the step)."""
-    return -reward(disc(x, sigma)).mean()
+def generator_loss(disc: nn.Module, x: Tensor, sigma: Tensor, reward: Reward, labels: Tensor | None = None) -> Tensor:
+    """``-mean r(d(x, sigma[, labels]))``: minimised by the schedule (its gradient flows through ``x`` only; the
+    caller keeps the discriminator's parameters out of the step)."""
+    return -reward(disc(x, sigma) if labels is None else disc(x, sigma, labels)).mean()
 
 
 class PathwiseTuner(Tuner):
     """The schedule learned by the pathwise gradient of an f-divergence reward (see the module doc).
 
     Args:
-        discriminator: the network ``d(x, sigma) -> logit`` (an ``nn.Module`` Hydra builds from a ``_target_``), or
-            ``auto``: the MLP of ``conf/discriminator/mlp.yaml`` for vectors, the CNN of ``cnn.yaml`` for images.
+        discriminator: the network ``d(x, sigma) -> logit`` (an ``nn.Module`` Hydra builds from a ``_target_``),
+            ``auto``: the MLP of ``conf/discriminator/mlp.yaml`` for vectors, the CNN of ``cnn.yaml`` for images, or
+            ``features`` (images): an MLP on the frozen features of the data set's classifier, the network the
+            evaluator's Fréchet distance is computed in (``discriminator.networks.FeatureDiscriminator``).
+        conditional: a label-conditional discriminator for a class-conditional denoiser: each sample is compared
+            with training points of its own class (``seed mod num_classes``, the class it was sampled for), so the
+            reward is the per-class log-ratio; false: one discriminator for the label-marginal.
         divergence, logit_clip: the reward ``r = -f'(u)`` (``rl.rewards.Reward``); lam / temperature for ``pr``.
         parametrization: ``free`` or ``karras``. init: ``sampler``, ``karras`` or a schedule file (``free`` only).
         init_sigma_max, init_sigma_min, init_rho: the Karras start. sigma_low, sigma_high: bounds of ``s_0``.
-        iterations, batch: schedule steps and samples per step. lr: the schedule's Adam step size.
+        iterations, batch: schedule steps and samples per step. lr, optimizer: the schedule's step size and
+            optimiser: ``adam``, or ``sgd`` (momentum 0.9; its steps scale with the gradient, where Adam's steps
+            have the same size whatever the gradient's).
         disc_lr, disc_steps, disc_warmup: the discriminator's Adam step size, its steps per iteration (on the
             iteration's samples and fresh training points), and its steps on the starting schedule's samples first.
         disc_sigmas: the noise levels both classes are compared at (each sample draws one).
@@ -153,17 +161,22 @@ class PathwiseTuner(Tuner):
     name = "pathwise"
 
     def __init__(self, discriminator: nn.Module | str = "auto", divergence: str = "js", logit_clip: float | None = None,
-                 lam: float = 1.0, temperature: float = 0.0, parametrization: str = "free", init: str = "sampler",
+                 lam: float = 1.0, temperature: float = 0.0, conditional: bool = False, parametrization: str = "free",
+                 init: str = "sampler",
                  init_sigma_max: float = 80.0, init_sigma_min: float = 0.05, init_rho: float = 7.0,
                  sigma_low: float = 0.5, sigma_high: float = 80.0, iterations: int = 150, batch: int = 128,
-                 lr: float = 0.03, disc_lr: float = 1e-3, disc_steps: int = 2, disc_warmup: int = 50,
+                 lr: float = 0.03, optimizer: str = "adam", disc_lr: float = 1e-3, disc_steps: int = 2, disc_warmup: int = 50,
                  disc_sigmas: Sequence[float] = (0.0, 0.02, 0.05), average: float = 0.25, num_train: int = 20000,
                  starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_every: int = 30,
                  select_samples: int = 1000, select_train: int = 2000, feature_cache: str | None = None):
-        if not (isinstance(discriminator, nn.Module) or discriminator == "auto"):
-            raise ValueError("tuner.discriminator must be auto or build an nn.Module (a _target_ network), got "
-                             f"{discriminator!r}")
-        self.discriminator = discriminator
+        if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
+            raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
+                             f"got {discriminator!r}")
+        if not isinstance(conditional, bool):
+            raise ValueError(f"tuner.conditional must be true or false, got {conditional!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"tuner.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.discriminator, self.conditional, self.optimizer = discriminator, conditional, optimizer
         self.reward = Reward(divergence, logit_clip, lam, temperature, weighting="terminal")
         if divergence == "pr" and temperature <= 0:
             raise ValueError("tuner.divergence=pr: the PR reward is a step in the logit, whose gradient is 0; set "
@@ -210,8 +223,10 @@ class PathwiseTuner(Tuner):
 
     def settings(self) -> dict:
         return {"divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
+                "discriminator": self.discriminator if isinstance(self.discriminator, str) else
+                type(self.discriminator).__name__, "conditional": self.conditional,
                 "parametrization": self.parametrization, "init": self.init, "iterations": self.iterations,
-                "batch": self.batch, "lr": self.lr, "disc_lr": self.disc_lr, "disc_steps": self.disc_steps,
+                "batch": self.batch, "lr": self.lr, "optimizer": self.optimizer, "disc_lr": self.disc_lr, "disc_steps": self.disc_steps,
                 "disc_warmup": self.disc_warmup, "disc_sigmas": self.disc_sigmas, "average": self.average,
                 "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
                 "select_every": self.select_every, "select_samples": self.select_samples}
@@ -250,23 +265,49 @@ class PathwiseTuner(Tuner):
             start = torch.as_tensor(SigmaSchedule(path=init).sigmas, dtype=torch.float64)
         return FreeLevels(start.cpu(), self.sigma_low, self.sigma_high)
 
-    def network(self, datamodule) -> nn.Module:
-        """A fresh copy of the discriminator network (``auto``: sized for ``datamodule``'s samples)."""
+    def network(self, datamodule, num_classes: int = 0, features: tuple | None = None) -> nn.Module:
+        """A fresh copy of the discriminator network (``auto``: sized for ``datamodule``'s samples; ``features``:
+        on ``features = (phi, mean, std)``), label-conditional over ``num_classes`` classes when that is > 0."""
         if isinstance(self.discriminator, nn.Module):
-            return copy.deepcopy(self.discriminator)
-        from diffusion_irl.discriminator.networks import CNNDiscriminator, MLPDiscriminator
+            net = copy.deepcopy(self.discriminator)
+            if int(getattr(net, "num_classes", 0) or 0) != num_classes:
+                raise ValueError(f"tuner.discriminator has num_classes={getattr(net, 'num_classes', 0)}, but this "
+                                 f"tuning needs {num_classes} (tuner.conditional={self.conditional})")
+            return net
+        from diffusion_irl.discriminator.networks import CNNDiscriminator, FeatureDiscriminator, MLPDiscriminator
 
+        if self.discriminator == "features":
+            if features is None:
+                raise ValueError("tuner.discriminator=features needs the feature network and its statistics")
+            return FeatureDiscriminator(*features, hidden=128, depth=2, emb_dim=32, num_classes=num_classes)
         shape, sigma_data = list(datamodule.shape), float(getattr(datamodule, "sigma_data", 0.5))
         if len(shape) == 1:
-            return MLPDiscriminator(shape, hidden=128, depth=3, emb_dim=32, sigma_data=sigma_data)
-        return CNNDiscriminator(shape, base_channels=32, channel_mults=(1, 2), emb_dim=64, sigma_data=sigma_data)
+            return MLPDiscriminator(shape, hidden=128, depth=3, emb_dim=32, sigma_data=sigma_data,
+                                    num_classes=num_classes)
+        return CNNDiscriminator(shape, base_channels=32, channel_mults=(1, 2), emb_dim=64, sigma_data=sigma_data,
+                                num_classes=num_classes)
 
-    def seeded_network(self, datamodule, seed: int, start: int) -> nn.Module:
+    def feature_network(self, datamodule, train: Tensor) -> tuple[nn.Module, Tensor, Tensor]:
+        """``(phi, mean, std)`` for ``discriminator=features``: the data set's classifier (trained on the training
+        split, cached; the evaluator's feature network) and its feature statistics on ``train``."""
+        if len(datamodule.shape) == 1:
+            raise ValueError(f"tuner.discriminator=features is for images: data={datamodule.name} holds vectors "
+                             f"{list(datamodule.shape)}; use discriminator=auto")
+        from diffusion_irl.evaluation import feature_classifier_for
+
+        classifier = feature_classifier_for(datamodule, self.feature_cache).eval().requires_grad_(False)
+        classifier.to(train.device)
+        with torch.no_grad():
+            phi = torch.cat([classifier.features(chunk.float()) for chunk in train.split(1024)]).double()
+        return _Features(classifier), phi.mean(0).float(), phi.std(0).float()
+
+    def seeded_network(self, datamodule, seed: int, start: int, num_classes: int = 0,
+                       features: tuple | None = None) -> nn.Module:
         """:meth:`network` initialised from ``("tune", "pathwise", "discriminator", seed, start)`` (torch's global
         generator is left as it was), so a tuning does not depend on what the process sampled before it."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeding.derive_seed("tune", "pathwise", "discriminator", seed, start))
-            net = self.network(datamodule)
+            net = self.network(datamodule, num_classes, features)
             if isinstance(self.discriminator, nn.Module):  # a given network: re-initialise its copy from that seed
                 for module in net.modules():
                     if module is not net and hasattr(module, "reset_parameters"):
@@ -276,11 +317,23 @@ class PathwiseTuner(Tuner):
     def _tune(self, sampler, D, datamodule, steps, seed, device):
         datamodule.setup()
         shape = tuple(datamodule.shape)
-        train = datamodule.train_samples(min(self.num_train, len(datamodule.train_samples()))).to(device)
+        num_train = min(self.num_train, len(datamodule.train_samples()))
+        train = datamodule.train_samples(num_train).to(device)
+        num_classes, train_labels = 0, None
+        if self.conditional:
+            num_classes = int(getattr(D, "num_classes", 0) or 0)
+            if num_classes <= 0:
+                raise ValueError("tuner.conditional=true needs a class-conditional denoiser; this one has no classes")
+            if int(getattr(datamodule, "num_classes", 0) or 0) != num_classes:
+                raise ValueError(f"tuner.conditional=true: the denoiser has {num_classes} classes, data="
+                                 f"{datamodule.name} has {getattr(datamodule, 'num_classes', 0)}")
+            train_labels = datamodule.train_labels(num_train).long()
+        features = self.feature_network(datamodule, train) if self.discriminator == "features" else None
         gen = seeding.generator("tune", "pathwise", seed)
         firsts = self.starts or [None]
         runs = [_Run(self, sampler, D, train, shape, self.levels(sampler, steps, first),
-                     self.seeded_network(datamodule, seed, i), gen, seed, device) for i, first in enumerate(firsts)]
+                     self.seeded_network(datamodule, seed, i, num_classes, features), gen, seed, device,
+                     train_labels, num_classes) for i, first in enumerate(firsts)]
         scoring = len(runs) > 1 or self.select_every > 0
         metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache) if scoring else (None, None)
         noise_seed = seeding.derive_seed("tune", "pathwise", "select", seed)
@@ -339,15 +392,33 @@ class PathwiseTuner(Tuner):
                         "losses": run.history["loss"], "history": run.history}
 
 
+class _Features(nn.Module):
+    """A classifier's ``features`` method as a module (the feature discriminator's ``phi``)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier.features(x)
+
+
 class _Run:
     """One start of :class:`PathwiseTuner`: its schedule, discriminator, optimisers and history."""
 
     def __init__(self, tuner: PathwiseTuner, sampler, D, train: Tensor, shape: tuple, levels: nn.Module,
-                 disc: nn.Module, gen: torch.Generator, seed: int, device):
+                 disc: nn.Module, gen: torch.Generator, seed: int, device, train_labels: Tensor | None = None,
+                 num_classes: int = 0):
         self.tuner, self.sampler, self.D, self.train_data, self.shape = tuner, sampler, D, train, shape
         self.levels, self.disc, self.gen, self.seed, self.device = levels.to(device), disc.to(device), gen, seed, device
-        self.opt = torch.optim.Adam(self.levels.parameters(), lr=tuner.lr)
-        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=tuner.disc_lr, betas=(0.5, 0.999))
+        self.train_labels, self.num_classes = train_labels, num_classes
+        if tuner.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.levels.parameters(), lr=tuner.lr, momentum=0.9)
+        else:
+            self.opt = torch.optim.Adam(self.levels.parameters(), lr=tuner.lr)
+        # the discriminator's trainable parameters (a feature discriminator's feature network stays frozen)
+        self.disc_params = [p for p in self.disc.parameters() if p.requires_grad]
+        self.disc_opt = torch.optim.Adam(self.disc_params, lr=tuner.disc_lr, betas=(0.5, 0.999))
         self.choices = torch.tensor(tuner.disc_sigmas, dtype=torch.float32)
         with torch.no_grad():
             self.start = self.levels().detach().cpu()
@@ -360,19 +431,24 @@ class _Run:
     def draw_sigma(self, n: int) -> Tensor:
         return self.choices[torch.randint(len(self.choices), (n,), generator=self.gen)].to(self.device)
 
-    def samples(self, it: int, grad: bool) -> Tensor:
-        """The solver's final samples on the current schedule from this iteration's noise (autograd on: ``grad``)."""
+    def samples(self, it: int, grad: bool) -> tuple[Tensor, Tensor | None]:
+        """The solver's final samples on the current schedule from this iteration's noise (autograd on: ``grad``),
+        and their classes for a label-conditional discriminator (else None)."""
         batch = self.tuner.batch
         seeds = seeding.sample_seeds(batch, "tune", "pathwise", self.seed, it, device=self.device)
         eps = NoiseStream(device=self.device, seeds=seeds).initial((batch, *self.shape))
+        labels = seed_labels(seeds, self.num_classes) if self.num_classes else None
         with torch.set_grad_enabled(grad):
             sigmas = self.levels()
-            return solve(self.sampler, seed_conditioned(self.D, seeds), eps * sigmas[0].to(eps.dtype), sigmas)
+            x = solve(self.sampler, seed_conditioned(self.D, seeds), eps * sigmas[0].to(eps.dtype), sigmas)
+        return x, labels
 
-    def disc_step(self, fake: Tensor) -> dict:
+    def disc_step(self, fake: Tensor, labels: Tensor | None = None) -> dict:
         sigma = self.draw_sigma(len(fake))
-        real = paired_batch(self.train_data, fake, sigma, torch.zeros_like(sigma), self.gen).real
-        loss, diag = discriminator_loss(self.disc, real, forward_noise(fake, sigma, self.gen), sigma, sigma)
+        real = paired_batch(self.train_data, fake, sigma, torch.zeros_like(sigma), self.gen,
+                            *((self.train_labels, labels) if labels is not None else ())).real
+        loss, diag = discriminator_loss(self.disc, real, forward_noise(fake, sigma, self.gen), sigma, sigma,
+                                        labels_real=labels, labels_fake=labels)
         self.disc_opt.zero_grad()
         loss.backward()
         self.disc_opt.step()
@@ -381,19 +457,21 @@ class _Run:
     def train(self, iterations: int) -> None:
         tuner = self.tuner
         if not self.warmed and tuner.disc_warmup > 0:
-            fake = self.samples(-1, grad=False)
+            fake, labels = self.samples(-1, grad=False)
             for _ in range(tuner.disc_warmup):
-                self.disc_step(fake)
+                self.disc_step(fake, labels)
         self.warmed = True
         for _ in range(iterations):
             it = self.iteration
-            x = self.samples(it, grad=True)
+            x, labels = self.samples(it, grad=True)
             for _ in range(tuner.disc_steps):
-                diag = self.disc_step(x.detach())
-            self.disc.requires_grad_(False)
+                diag = self.disc_step(x.detach(), labels)
+            for p in self.disc_params:
+                p.requires_grad_(False)
             sigma = self.draw_sigma(len(x))
-            loss = generator_loss(self.disc, forward_noise(x, sigma, self.gen), sigma, tuner.reward)
-            self.disc.requires_grad_(True)
+            loss = generator_loss(self.disc, forward_noise(x, sigma, self.gen), sigma, tuner.reward, labels)
+            for p in self.disc_params:
+                p.requires_grad_(True)
             self.opt.zero_grad()
             loss.backward()
             grads = [p.grad.double().pow(2).sum() for p in self.levels.parameters() if p.grad is not None]
