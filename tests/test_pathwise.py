@@ -257,3 +257,27 @@ def test_pathwise_optimizer_and_discriminator_choices(datamodule):
         PathwiseTuner(conditional="yes")
     with pytest.raises(ValueError, match="discriminator=features is for images"):
         PathwiseTuner(discriminator="features", iterations=1, starts=None).tune(Euler(), D, datamodule, 4)
+
+
+def test_pathwise_selection_margin_returns_a_step_only_when_its_gain_is_beyond_the_noise(datamodule):
+    tuner = PathwiseTuner(select_seeds=3, select_margin=2.0)
+    a, b, c, other = (torch.full((3,), float(i)) for i in range(4))
+    per_seed = {id(a): [1.0, 1.0, 1.0], id(other): [1.1, 1.1, 1.1], id(b): [0.9, 0.92, 0.88],
+                id(c): [0.5, 1.2, 0.7]}
+    checkpoints = [(0, a, 1.0, 80.0), (0, other, 1.1, 5.0), (20, b, 0.9, 80.0), (40, c, 0.8, 80.0)]
+    # b: gain 0.1 +- 0.01 (admitted); c: gain 0.2 +- 0.21 standard error (not: 2 standard errors are 0.42)
+    assert tuner.admitted(checkpoints, per_seed) == [True, False, True, False]
+    assert PathwiseTuner(select_seeds=3).admitted(checkpoints, per_seed) == [True] * 4
+    with pytest.raises(ValueError, match="select_seeds >= 2"):
+        PathwiseTuner(select_margin=1.0)
+
+    D = AnalyticDenoiser(datamodule.law)
+    strict = PathwiseTuner(iterations=4, batch=16, disc_warmup=1, starts=None, select_every=2, select_samples=50,
+                           select_train=200, select_seeds=2, select_margin=1e6)
+    result = strict.tune(Euler(), D, datamodule, 4, seed=0)
+    assert result.details["selected_iteration"] == 0
+    assert result.sigmas.tolist() == pytest.approx(result.details["initial_sigmas"])
+    checkpoints = result.details["checkpoints"]
+    assert [c["admitted"] for c in checkpoints] == [True, False, False] and all(len(c["scores"]) == 2 for c in checkpoints)
+    # one warm-up batch and 4 steps of 16 samples; 3 checkpoints x 2 seeds x 50 samples; Euler at 4 NFE
+    assert result.cost_nfe == (1 + 4) * 16 * 4 + 3 * 2 * 50 * 4

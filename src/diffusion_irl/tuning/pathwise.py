@@ -29,7 +29,7 @@ with the exact ratio), so it is a low-variance alternative to the policy gradien
 is not the evaluator's distance, and a run can drift past its best point).
 
 Cost: ``starts x (explore + 1) x batch x NFE + (iterations - explore) x batch x NFE`` forward denoiser evaluations
-for the samples, plus ``select_samples x NFE`` per training-split score (each start before and after exploring,
+for the samples, plus ``select_seeds x select_samples x NFE`` per training-split score (each start before and after exploring,
 each checkpoint); every call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`. Like LD3's, the backward passes
 (about twice a forward pass each) are not counted separately.
 """
@@ -156,6 +156,11 @@ class PathwiseTuner(Tuner):
             and at the end; the best checkpoint (the starts' choice, or a single start itself, included) is
             returned (0: the final one).
         select_samples, select_train: samples per score, training points they are scored against.
+        select_seeds: noise seeds per score (its mean is the score; each seed costs ``select_samples x NFE``).
+        select_margin: 0: the best checkpoint is returned. ``z > 0`` (needs ``select_seeds >= 2``): a checkpoint
+            after any step is returned only if it beats the best start by more than ``z`` standard errors of their
+            per-seed difference (see :meth:`admitted`); else the best start is. On images, where the selection's
+            differences are as small as its noise, this keeps a tuning from returning a worse schedule.
     """
 
     name = "pathwise"
@@ -168,7 +173,8 @@ class PathwiseTuner(Tuner):
                  lr: float = 0.03, optimizer: str = "adam", disc_lr: float = 1e-3, disc_steps: int = 2, disc_warmup: int = 50,
                  disc_sigmas: Sequence[float] = (0.0, 0.02, 0.05), average: float = 0.25, num_train: int = 20000,
                  starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_every: int = 30,
-                 select_samples: int = 1000, select_train: int = 2000, feature_cache: str | None = None):
+                 select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
+                 select_margin: float = 0.0, feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
                              f"got {discriminator!r}")
@@ -219,6 +225,12 @@ class PathwiseTuner(Tuner):
         self.select_every = positive_int(select_every, "tuner.select_every", 0)
         self.select_samples = positive_int(select_samples, "tuner.select_samples", 2)
         self.select_train = positive_int(select_train, "tuner.select_train", 2)
+        self.select_seeds = positive_int(select_seeds, "tuner.select_seeds")
+        if not (math.isfinite(select_margin) and select_margin >= 0):
+            raise ValueError(f"tuner.select_margin must be >= 0, got {select_margin}")
+        if select_margin > 0 and self.select_seeds < 2:
+            raise ValueError("tuner.select_margin > 0 compares per-seed scores: set tuner.select_seeds >= 2")
+        self.select_margin = float(select_margin)
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
@@ -229,7 +241,8 @@ class PathwiseTuner(Tuner):
                 "batch": self.batch, "lr": self.lr, "optimizer": self.optimizer, "disc_lr": self.disc_lr, "disc_steps": self.disc_steps,
                 "disc_warmup": self.disc_warmup, "disc_sigmas": self.disc_sigmas, "average": self.average,
                 "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
-                "select_every": self.select_every, "select_samples": self.select_samples}
+                "select_every": self.select_every, "select_samples": self.select_samples,
+                "select_seeds": self.select_seeds, "select_margin": self.select_margin}
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
@@ -314,6 +327,24 @@ class PathwiseTuner(Tuner):
                         module.reset_parameters()
         return net
 
+    def admitted(self, checkpoints: list[tuple], per_seed: dict[int, list[float]]) -> list[bool]:
+        """Which ``checkpoints`` (finite ones, ``(iteration, schedule, score, start)``) may be returned. The
+        reference, the best checkpoint scored before any step (a start), always may; with ``select_margin = z > 0``
+        another only if its gain over the reference, paired over the selection seeds, exceeds ``z`` standard errors:
+        ``mean(d) > z std(d) / sqrt(k)``, ``d = reference - checkpoint`` per seed."""
+        firsts = [c for c in checkpoints if c[0] == 0] or checkpoints[:1]
+        reference = min(firsts, key=lambda c: c[2])
+        if self.select_margin <= 0:
+            return [True] * len(checkpoints)
+        ref = per_seed[id(reference[1])]
+        out = []
+        for c in checkpoints:
+            d = [a - b for a, b in zip(ref, per_seed[id(c[1])])]
+            mean = sum(d) / len(d)
+            std = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1))
+            out.append(c is reference or mean > self.select_margin * std / math.sqrt(len(d)))
+        return out
+
     def _tune(self, sampler, D, datamodule, steps, seed, device):
         datamodule.setup()
         shape = tuple(datamodule.shape)
@@ -336,13 +367,23 @@ class PathwiseTuner(Tuner):
                      train_labels, num_classes) for i, first in enumerate(firsts)]
         scoring = len(runs) > 1 or self.select_every > 0
         metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache) if scoring else (None, None)
-        noise_seed = seeding.derive_seed("tune", "pathwise", "select", seed)
+        noise_seeds = [seeding.derive_seed("tune", "pathwise", "select", seed)]
+        noise_seeds += [seeding.derive_seed("tune", "pathwise", "select", seed, k) for k in range(1, self.select_seeds)]
+        per_seed: dict[int, list[float]] = {}  # id(schedule) -> its score on each selection seed
 
         def scores(schedules: list[Tensor]) -> list[float]:
-            """Training-split scores of ``schedules`` (the same noise for each; the samples are counted by D)."""
+            """Training-split scores of ``schedules``, the mean over the selection seeds (the same noise for each
+            schedule; the samples are counted by D); each seed's score is kept in ``per_seed``."""
             candidates = [(i, with_schedule(sampler, SigmaSchedule(s.tolist()))) for i, s in enumerate(schedules)]
-            out, _ = mean_scores(candidates, D, shape, steps, self.select_samples, [noise_seed], 4096, device, score)
-            return [value for _, value in out]
+            values = [[] for _ in schedules]
+            for noise_seed in noise_seeds:
+                out, _ = mean_scores(candidates, D, shape, steps, self.select_samples, [noise_seed], 4096, device,
+                                     score)
+                for i, value in out:
+                    values[i].append(value)
+            for s, v in zip(schedules, values):
+                per_seed[id(s)] = v
+            return [sum(v) / len(v) for v in values]
 
         explore = min(self.explore, self.iterations) if len(runs) > 1 else 0
         details: dict = {"select_metric": metric}
@@ -380,8 +421,11 @@ class PathwiseTuner(Tuner):
             finite = [c for c in checkpoints if math.isfinite(c[2])]
             if not finite:
                 raise RuntimeError("tuner=pathwise: every checkpoint's samples scored NaN / inf")
-            iteration, sigmas, selected, origin = min(finite, key=lambda c: c[2])
-            details["checkpoints"] = [{"iteration": it, "score": v, "start": st} for it, _, v, st in checkpoints]
+            admitted = self.admitted(finite, per_seed)
+            iteration, sigmas, selected, origin = min((c for c, ok in zip(finite, admitted) if ok), key=lambda c: c[2])
+            admitted = {id(c[1]): ok for c, ok in zip(finite, admitted)}
+            details["checkpoints"] = [{"iteration": it, "score": v, "start": st, "scores": per_seed[id(sch)],
+                                       "admitted": admitted.get(id(sch), False)} for it, sch, v, st in checkpoints]
             details["selected_score"] = selected
             details["selected_iteration"] = iteration
             details["selected_checkpoint_start"] = origin  # the start the returned schedule came from
