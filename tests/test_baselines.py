@@ -78,7 +78,8 @@ def test_schedules_and_costs_are_written(table):
     assert grid["cost_nfe"] == 8 * 200 * 8  # points x samples x NFE
     assert (out / "schedules" / "euler_grid_nfe8_grid.csv").is_file()
     curves = (out / "schedules" / "euler_pathwise_nfe8_history.csv").read_text().splitlines()
-    assert curves[0] == "iteration,loss,disc_acc,logit_fake,logit_real,sigma_max,grad_norm" and len(curves) > 2
+    grads = ",".join(f"grad_{i}" for i in range(8))  # Euler at 8 NFE: the first level and 7 gaps
+    assert curves[0] == f"iteration,loss,disc_acc,logit_fake,logit_real,sigma_max,grad_norm,{grads}" and len(curves) > 2
     md = (out / "results.md").read_text()
     costs = md.split("## Costs of the tuned rows")[1]
     assert "| euler_grid | 8 | 1.28e+04 |" in costs and "| ipndm_ld3 | 5 |" in costs

@@ -251,6 +251,11 @@ def test_pathwise_optimizer_and_discriminator_choices(datamodule):
     result = PathwiseTuner(iterations=2, batch=16, disc_warmup=1, starts=None, select_every=0, optimizer="sgd",
                            lr=0.01).tune(Euler(), D, datamodule, 4, seed=0)
     assert result.record()["settings"]["optimizer"] == "sgd" and len(result.details["losses"]) == 2
+    history = result.details["history"]  # the gradient, one column per parameter (first level and 3 gaps)
+    grads = torch.tensor([history[f"grad_{i}"] for i in range(4)], dtype=torch.float64)
+    torch.testing.assert_close(grads.norm(dim=0), torch.tensor(history["grad_norm"], dtype=torch.float64), rtol=1e-5, atol=0)
+    expected = (grads.mean(1).abs() / grads.std(1)).tolist()
+    assert result.details["grad_snr"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="tuner.optimizer must be one of"):
         PathwiseTuner(optimizer="rmsprop")
     with pytest.raises(ValueError, match="tuner.conditional must be true or false"):

@@ -433,6 +433,7 @@ class PathwiseTuner(Tuner):
             sigmas = run.result()
         return sigmas, {**details, "initial_sigmas": [float(v) for v in run.start], "averaged_iterations": run.kept,
                         "final_loss": run.history["loss"][-1], "final_disc_acc": run.history["disc_acc"][-1],
+                        "grad_snr": run.grad_snr(),
                         "losses": run.history["loss"], "history": run.history}
 
 
@@ -468,6 +469,10 @@ class _Run:
             self.start = self.levels().detach().cpu()
         self.history: dict[str, list[float]] = {k: [] for k in ("loss", "disc_acc", "logit_fake", "logit_real",
                                                                  "sigma_max", "grad_norm")}
+        # the gradient itself, one column per schedule parameter (free: log s_0, then the gaps; karras: log s_max,
+        # log s_min, log rho): its signal-to-noise ratio over iterations is in grad_snr()
+        self.num_params = sum(p.numel() for p in self.levels.parameters())
+        self.history.update({f"grad_{i}": [] for i in range(self.num_params)})
         self.log_levels: list[Tensor] = []
         self.iteration, self.kept = 0, 0
         self.warmed = False
@@ -518,8 +523,9 @@ class _Run:
                 p.requires_grad_(True)
             self.opt.zero_grad()
             loss.backward()
-            grads = [p.grad.double().pow(2).sum() for p in self.levels.parameters() if p.grad is not None]
-            grad_norm = torch.stack(grads).sum().sqrt() if grads else torch.zeros(())
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().reshape(-1)
+                              for p in self.levels.parameters()])
+            grad_norm = flat.norm()
             if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"tuner=pathwise: non-finite loss or gradient at iteration {it} "
                                          f"(loss {float(loss):.3g}); lower tuner.lr")
@@ -531,11 +537,22 @@ class _Run:
                                ("logit_real", diag["disc/logit_real"]), ("grad_norm", grad_norm)):
                 self.history[key].append(float(value.detach()))
             self.history["sigma_max"].append(float(self.log_levels[-1][0].exp()))
+            for i, g in enumerate(flat.tolist()):
+                self.history[f"grad_{i}"].append(g)
             self.iteration += 1
             if self.iteration % max(1, tuner.iterations // 10) == 0:
                 log.info("pathwise %s: iteration %d/%d, loss %.4f, disc acc %.3f, first level %.3g", self.sampler.name,
                          self.iteration, tuner.iterations, self.history["loss"][-1], self.history["disc_acc"][-1],
                          self.history["sigma_max"][-1])
+
+    def grad_snr(self) -> list[float]:
+        """Per schedule parameter, ``|mean| / std`` of its gradient over the iterations run so far (NaN with fewer
+        than 2): below about 1/sqrt(iterations) the gradient is indistinguishable from noise about zero."""
+        out = []
+        for i in range(self.num_params):
+            g = torch.tensor(self.history[f"grad_{i}"], dtype=torch.float64)
+            out.append(float(g.mean().abs() / g.std()) if len(g) > 1 and float(g.std()) > 0 else float("nan"))
+        return out
 
     def result(self) -> Tensor:
         """The schedule: the mean log-levels of the last ``average`` fraction of the iterations run so far."""
