@@ -253,7 +253,8 @@ def test_pathwise_optimizer_and_discriminator_choices(datamodule):
     assert result.record()["settings"]["optimizer"] == "sgd" and len(result.details["losses"]) == 2
     history = result.details["history"]  # the gradient, one column per parameter (first level and 3 gaps)
     grads = torch.tensor([history[f"grad_{i}"] for i in range(4)], dtype=torch.float64)
-    torch.testing.assert_close(grads.norm(dim=0), torch.tensor(history["grad_norm"], dtype=torch.float64), rtol=1e-5, atol=0)
+    norms = torch.tensor(history["grad_norm"], dtype=torch.float64)
+    torch.testing.assert_close(grads.norm(dim=0), norms, rtol=1e-5, atol=0)
     expected = (grads.mean(1).abs() / grads.std(1)).tolist()
     assert result.details["grad_snr"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="tuner.optimizer must be one of"):
@@ -283,6 +284,7 @@ def test_pathwise_selection_margin_returns_a_step_only_when_its_gain_is_beyond_t
     assert result.details["selected_iteration"] == 0
     assert result.sigmas.tolist() == pytest.approx(result.details["initial_sigmas"])
     checkpoints = result.details["checkpoints"]
-    assert [c["admitted"] for c in checkpoints] == [True, False, False] and all(len(c["scores"]) == 2 for c in checkpoints)
+    assert [c["admitted"] for c in checkpoints] == [True, False, False]
+    assert all(len(c["scores"]) == 2 for c in checkpoints)
     # one warm-up batch and 4 steps of 16 samples; 3 checkpoints x 2 seeds x 50 samples; Euler at 4 NFE
     assert result.cost_nfe == (1 + 4) * 16 * 4 + 3 * 2 * 50 * 4

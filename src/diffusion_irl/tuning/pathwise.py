@@ -29,9 +29,9 @@ with the exact ratio), so it is a low-variance alternative to the policy gradien
 is not the evaluator's distance, and a run can drift past its best point).
 
 Cost: ``starts x (explore + 1) x batch x NFE + (iterations - explore) x batch x NFE`` forward denoiser evaluations
-for the samples, plus ``select_seeds x select_samples x NFE`` per training-split score (each start before and after exploring,
-each checkpoint); every call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`. Like LD3's, the backward passes
-(about twice a forward pass each) are not counted separately.
+for the samples, plus ``select_seeds x select_samples x NFE`` per training-split score (each start before and after
+exploring, each checkpoint); every call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`.
+Like LD3's, the backward passes (about twice a forward pass each) are not counted separately.
 """
 from __future__ import annotations
 
@@ -170,7 +170,8 @@ class PathwiseTuner(Tuner):
                  init: str = "sampler",
                  init_sigma_max: float = 80.0, init_sigma_min: float = 0.05, init_rho: float = 7.0,
                  sigma_low: float = 0.5, sigma_high: float = 80.0, iterations: int = 150, batch: int = 128,
-                 lr: float = 0.03, optimizer: str = "adam", disc_lr: float = 1e-3, disc_steps: int = 2, disc_warmup: int = 50,
+                 lr: float = 0.03, optimizer: str = "adam", disc_lr: float = 1e-3, disc_steps: int = 2,
+                 disc_warmup: int = 50,
                  disc_sigmas: Sequence[float] = (0.0, 0.02, 0.05), average: float = 0.25, num_train: int = 20000,
                  starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_every: int = 30,
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
@@ -238,7 +239,8 @@ class PathwiseTuner(Tuner):
                 "discriminator": self.discriminator if isinstance(self.discriminator, str) else
                 type(self.discriminator).__name__, "conditional": self.conditional,
                 "parametrization": self.parametrization, "init": self.init, "iterations": self.iterations,
-                "batch": self.batch, "lr": self.lr, "optimizer": self.optimizer, "disc_lr": self.disc_lr, "disc_steps": self.disc_steps,
+                "batch": self.batch, "lr": self.lr, "optimizer": self.optimizer, "disc_lr": self.disc_lr,
+                "disc_steps": self.disc_steps,
                 "disc_warmup": self.disc_warmup, "disc_sigmas": self.disc_sigmas, "average": self.average,
                 "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
                 "select_every": self.select_every, "select_samples": self.select_samples,
