@@ -288,3 +288,45 @@ def test_pathwise_selection_margin_returns_a_step_only_when_its_gain_is_beyond_t
     assert all(len(c["scores"]) == 2 for c in checkpoints)
     # one warm-up batch and 4 steps of 16 samples; 3 checkpoints x 2 seeds x 50 samples; Euler at 4 NFE
     assert result.cost_nfe == (1 + 4) * 16 * 4 + 3 * 2 * 50 * 4
+
+
+def test_selection_reference_blocks_are_disjoint_training_points(datamodule, monkeypatch):
+    from diffusion_irl.evaluation import scorer_for
+    from diffusion_irl.metrics.samples import mmd
+
+    train = datamodule.train_samples()
+    assert torch.equal(scorer_for(datamodule, 100, split="train", offset=300).heldout, train[300:400])
+    x = datamodule.exact_samples(200, generator=torch.Generator().manual_seed(1))
+    _, score = selection_scorer(datamodule, 100, offset=100)
+    assert score(x, 0) == pytest.approx(float(mmd(x.double(), train[100:200].double())))
+    for offset in (-1, len(train)):
+        with pytest.raises(ValueError, match="offset="):
+            selection_scorer(datamodule, 100, offset=offset)
+    with pytest.raises(ValueError, match="tuner.select_reference must be one of"):
+        PathwiseTuner(select_reference="random")
+
+    # disjoint: selection seed k scores against training points [k n, (k + 1) n); shared: all against [0, n)
+    import diffusion_irl.tuning.pathwise as pathwise
+
+    offsets = []
+
+    def spy(dm, num_train, feature_cache=None, offset=0):
+        offsets.append((num_train, offset))
+        return selection_scorer(dm, num_train, feature_cache, offset=offset)
+
+    monkeypatch.setattr(pathwise, "selection_scorer", spy)
+    D = AnalyticDenoiser(datamodule.law)
+    kwargs = dict(iterations=2, batch=16, disc_warmup=1, starts=None, select_every=2, select_samples=50,
+                  select_train=1000, select_seeds=3)
+    shared = PathwiseTuner(**kwargs).tune(Euler(), D, datamodule, 4, seed=0)
+    assert offsets == [(1000, 0)]
+    offsets.clear()
+    disjoint = PathwiseTuner(select_reference="disjoint", **kwargs).tune(Euler(), D, datamodule, 4, seed=0)
+    assert offsets == [(1000, 0), (1000, 1000), (1000, 2000)]
+    assert PathwiseTuner(select_reference="disjoint").settings()["select_reference"] == "disjoint"
+    for a, b in zip(shared.details["checkpoints"], disjoint.details["checkpoints"]):
+        assert a["scores"][0] == pytest.approx(b["scores"][0])  # the same noise and the same first block
+        assert a["scores"][1:] != pytest.approx(b["scores"][1:])
+    assert disjoint.cost_nfe == shared.cost_nfe
+    with pytest.raises(ValueError, match="needs select_seeds x select_train = 5 x 1000 training points"):
+        PathwiseTuner(select_reference="disjoint", **{**kwargs, "select_seeds": 5}).tune(Euler(), D, datamodule, 4)

@@ -706,7 +706,7 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
                inception_weights: str | None = None, classifier_epochs: int = 5, split: str = "heldout", *,
                fid_reference: str | Path | None = None, fid_split: str = "heldout", fid_only: bool = False,
                feature_network: Callable[[Tensor], Tensor] | None = None, device: str | torch.device | None = None,
-               feature_batch_size: int = 250, prdc_points: int = 2000, progress: bool = True):
+               feature_batch_size: int = 250, prdc_points: int = 2000, progress: bool = True, offset: int = 0):
     """The metric function for a datamodule: 2D/vector data -> :class:`SampleScorer` against held-out data;
     images -> :class:`ImageScorer`: Fréchet distance and precision / recall in the features of a classifier trained
     on the training split (cached), plus FID and precision / recall in the FID network's features.
@@ -722,7 +722,8 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
 
     ``split="train"`` scores against (the first ``num_heldout`` points of) the training split instead: for model
     selection (the grid search), so that the held-out split is only ever used for the final comparison; the FID
-    reference then also comes from the training split."""
+    reference then also comes from the training split. ``offset`` skips that many points of the split first (disjoint
+    references for independent scores: points ``[offset, offset + num_heldout)``)."""
     from diffusion_irl.metrics.fid import (FrechetStats, InceptionFeatures, ReferenceFeatures, feature_width,
                                            reference_features)
     from diffusion_irl.runs import report
@@ -759,9 +760,12 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
 
     datamodule.setup()
     pool = datamodule.heldout if split == "heldout" else datamodule.train_samples
-    available = len(pool())
+    offset = int(offset)
+    available = len(pool()) - offset
+    if offset < 0 or available <= 0:
+        raise ValueError(f"offset={offset}: the {split} split of data={datamodule.name} has {available + offset} points")
     n = available if num_heldout is None else min(int(num_heldout), available)
-    heldout = pool(n)
+    heldout = pool(offset + n)[offset:]
     if not image_data:
         return SampleScorer(heldout, datamodule.law)
 

@@ -38,18 +38,23 @@ def _values(values, key: str) -> list[float]:
     return values
 
 
-def selection_scorer(datamodule, num_train: int, feature_cache=None) -> tuple[str, Callable[[Tensor, int], float]]:
-    """``(metric, score(x, seed))`` against the first ``num_train`` points of the TRAINING split.
+def selection_scorer(datamodule, num_train: int, feature_cache=None,
+                     offset: int = 0) -> tuple[str, Callable[[Tensor, int], float]]:
+    """``(metric, score(x, seed))`` against the first ``num_train`` points of the TRAINING split (after the first
+    ``offset``: disjoint blocks give independent references).
 
     Vectors: the unbiased squared MMD of ``metrics.samples.mmd`` (multi-scale RBF kernel), the value
     ``scorer_for(datamodule, num_train, split="train")`` reports as ``mmd`` for up to 4000 points, without the other
     metrics that scorer computes (about 4x faster); the training points' self-term is computed once. Images: the
     Fréchet distance ``fd`` of ``scorer_for(..., split="train")``. Samples with a NaN / inf row score inf."""
     if len(datamodule.shape) != 1:
-        score = scorer_for(datamodule, num_train, feature_cache, split="train")
+        score = scorer_for(datamodule, num_train, feature_cache, split="train", offset=offset)
         return "fd", lambda x, seed: float(score(x, seed)["fd"]) if bool(finite_rows(x).all()) else math.inf
     datamodule.setup()
-    train = datamodule.train_samples(min(num_train, len(datamodule.train_samples()))).double()
+    pool = datamodule.train_samples()
+    if not 0 <= offset < len(pool):
+        raise ValueError(f"offset={offset}: the training split of data={datamodule.name} has {len(pool)} points")
+    train = pool[offset:offset + num_train].double()
     kyy = mmd_self_term(train)
 
     def score_mmd(x: Tensor, seed: int) -> float:

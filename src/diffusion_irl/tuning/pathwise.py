@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 PARAMETRIZATIONS = ("free", "karras")
 OPTIMIZERS = ("adam", "sgd")
+SELECT_REFERENCES = ("shared", "disjoint")
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:
@@ -161,6 +162,10 @@ class PathwiseTuner(Tuner):
             after any step is returned only if it beats the best start by more than ``z`` standard errors of their
             per-seed difference (see :meth:`admitted`); else the best start is. On images, where the selection's
             differences are as small as its noise, this keeps a tuning from returning a worse schedule.
+        select_reference: ``shared``: every selection seed scores against the same ``select_train`` training
+            points. ``disjoint``: seed ``k`` against points ``[k select_train, (k + 1) select_train)``, so the
+            per-seed scores are independent in the reference too and the margin's standard error includes the
+            reference's noise (needs ``select_seeds x select_train`` training points).
     """
 
     name = "pathwise"
@@ -175,7 +180,7 @@ class PathwiseTuner(Tuner):
                  disc_sigmas: Sequence[float] = (0.0, 0.02, 0.05), average: float = 0.25, num_train: int = 20000,
                  starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_every: int = 30,
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
-                 select_margin: float = 0.0, feature_cache: str | None = None):
+                 select_margin: float = 0.0, select_reference: str = "shared", feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
                              f"got {discriminator!r}")
@@ -232,6 +237,9 @@ class PathwiseTuner(Tuner):
         if select_margin > 0 and self.select_seeds < 2:
             raise ValueError("tuner.select_margin > 0 compares per-seed scores: set tuner.select_seeds >= 2")
         self.select_margin = float(select_margin)
+        if select_reference not in SELECT_REFERENCES:
+            raise ValueError(f"tuner.select_reference must be one of {SELECT_REFERENCES}, got {select_reference!r}")
+        self.select_reference = select_reference
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
@@ -244,7 +252,8 @@ class PathwiseTuner(Tuner):
                 "disc_warmup": self.disc_warmup, "disc_sigmas": self.disc_sigmas, "average": self.average,
                 "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
                 "select_every": self.select_every, "select_samples": self.select_samples,
-                "select_seeds": self.select_seeds, "select_margin": self.select_margin}
+                "select_seeds": self.select_seeds, "select_margin": self.select_margin,
+                "select_reference": self.select_reference}
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
@@ -368,9 +377,20 @@ class PathwiseTuner(Tuner):
                      self.seeded_network(datamodule, seed, i, num_classes, features), gen, seed, device,
                      train_labels, num_classes) for i, first in enumerate(firsts)]
         scoring = len(runs) > 1 or self.select_every > 0
-        metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache) if scoring else (None, None)
         noise_seeds = [seeding.derive_seed("tune", "pathwise", "select", seed)]
         noise_seeds += [seeding.derive_seed("tune", "pathwise", "select", seed, k) for k in range(1, self.select_seeds)]
+        metric, scorers = None, []
+        if scoring:  # one scorer per selection seed: the same training points (shared) or its own block (disjoint)
+            blocks = self.select_seeds if self.select_reference == "disjoint" else 1
+            available = len(datamodule.train_samples())
+            if blocks * self.select_train > available:
+                raise ValueError(f"tuner.select_reference=disjoint needs select_seeds x select_train = {blocks} x "
+                                 f"{self.select_train} training points; data={datamodule.name} has {available}")
+            for k in range(blocks):
+                metric, score = selection_scorer(datamodule, self.select_train, self.feature_cache,
+                                                 offset=k * self.select_train)
+                scorers.append(score)
+            scorers = scorers * (self.select_seeds // blocks)
         per_seed: dict[int, list[float]] = {}  # id(schedule) -> its score on each selection seed
 
         def scores(schedules: list[Tensor]) -> list[float]:
@@ -378,7 +398,7 @@ class PathwiseTuner(Tuner):
             schedule; the samples are counted by D); each seed's score is kept in ``per_seed``."""
             candidates = [(i, with_schedule(sampler, SigmaSchedule(s.tolist()))) for i, s in enumerate(schedules)]
             values = [[] for _ in schedules]
-            for noise_seed in noise_seeds:
+            for noise_seed, score in zip(noise_seeds, scorers):
                 out, _ = mean_scores(candidates, D, shape, steps, self.select_samples, [noise_seed], 4096, device,
                                      score)
                 for i, value in out:
