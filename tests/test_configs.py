@@ -308,6 +308,12 @@ def test_cached_denoiser_configs(name, overrides, tmp_path, one_thread):
     assert D.num_classes == cfg.data.num_classes
     build(cfg, "denoiser")  # the second use loads the cache
     assert list((tmp_path / "cache").glob("denoiser_*.ckpt")) == cached
+    if stem == "cached_unet":  # the evaluator's classifier reserve does not change the denoiser: the same cache
+        build(compose_config("train", [*args, "data=shapes", "data.resolution=8"], output_dir=tmp_path), "denoiser")
+        shapes = set((tmp_path / "cache").glob("denoiser_*.ckpt")) - set(cached)
+        build(compose_config("train", [*args, "data=shapes", "data.resolution=8", "data.classifier_reserve=100"],
+                             output_dir=tmp_path), "denoiser")
+        assert len(shapes) == 1 and set((tmp_path / "cache").glob("denoiser_*.ckpt")) == set(cached) | shapes
     x = torch.randn(2, *D.shape)
     assert D(x, torch.tensor([0.5, 2.0])).shape == x.shape
 

@@ -330,3 +330,42 @@ def test_selection_reference_blocks_are_disjoint_training_points(datamodule, mon
     assert disjoint.cost_nfe == shared.cost_nfe
     with pytest.raises(ValueError, match="needs select_seeds x select_train = 5 x 1000 training points"):
         PathwiseTuner(select_reference="disjoint", **{**kwargs, "select_seeds": 5}).tune(Euler(), D, datamodule, 4)
+
+
+def test_a_classifier_reserve_keeps_selection_images_from_the_feature_classifier(tmp_path, monkeypatch):
+    """``data.classifier_reserve = N``: the evaluator's feature classifier trains on the training images after the
+    first N; image model selection scores against those N, and the feature discriminator draws its real images
+    from them (a classifier's features of its own training images are tighter than of unseen ones)."""
+    import diffusion_irl.metrics.features as features
+    from diffusion_irl.data.shapes import ShapesDataModule
+    from diffusion_irl.evaluation import feature_classifier_for
+
+    dm = ShapesDataModule(n_train=400, n_heldout=200, resolution=8, classifier_reserve=100)
+    dm.setup()
+    seen = []
+    original = features.train_feature_classifier
+
+    def spy(images, labels, *args, **kwargs):
+        seen.append((images, kwargs.get("cache_path")))
+        return original(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(features, "train_feature_classifier", spy)
+    feature_classifier_for(dm, tmp_path)
+    assert torch.equal(seen[0][0], dm.train_samples()[100:]) and seen[0][1].name.endswith("_reserve100.pt")
+    metric, score = selection_scorer(dm, 100, str(tmp_path))
+    assert metric == "fd" and math.isfinite(score(dm.heldout(50), 0))
+    with pytest.raises(ValueError, match="classifier_reserve=100 keeps only the first 100"):
+        selection_scorer(dm, 60, str(tmp_path), offset=60)
+
+    reals = []
+    build = PathwiseTuner.feature_network
+
+    def keep(self, datamodule, train):
+        reals.append(train)
+        return build(self, datamodule, train)
+
+    monkeypatch.setattr(PathwiseTuner, "feature_network", keep)
+    tuner = PathwiseTuner(discriminator="features", iterations=1, batch=8, disc_warmup=1, starts=None, select_every=0,
+                          feature_cache=str(tmp_path))
+    tuner.tune(Euler(), lambda x, sigma: x / (1 + torch.as_tensor(sigma) ** 2), dm, 4, seed=0)
+    assert torch.equal(reals[0].cpu(), dm.train_samples()[:100])

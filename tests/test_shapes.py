@@ -72,7 +72,8 @@ def test_splits_are_independent_seeded_draws_of_the_requested_sizes():
 @pytest.mark.parametrize("kwargs, match", [
     ({"resolution": 4}, "data.resolution"), ({"resolution": 12.5}, "data.resolution"),
     ({"n_heldout": 0}, "data.n_train and data.n_heldout"), ({"shape": [1, 8, 8]}, "data.shape"),
-    ({"num_classes": 10}, "data.num_classes"),
+    ({"num_classes": 10}, "data.num_classes"), ({"n_train": 100, "classifier_reserve": 100}, "classifier_reserve"),
+    ({"classifier_reserve": -1}, "classifier_reserve"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

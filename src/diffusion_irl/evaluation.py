@@ -686,18 +686,26 @@ def feature_classifier_for(datamodule, feature_cache: str | Path | None = None, 
     """The image data set's feature classifier (``metrics.features.FeatureClassifier``): trained on the training
     split only, cached under ``feature_cache`` by data set and shape, its accuracy measured (and printed, also when
     loaded from the cache) on up to ``num_val`` held-out images. The evaluator's image metrics and LD3's feature
-    distance use the same network."""
+    distance use the same network. With ``datamodule.classifier_reserve = N > 0`` it trains on the training points
+    after the first N (and is cached under its own name), so that model selection can compare with images it has
+    not seen."""
     from diffusion_irl.metrics.features import train_feature_classifier
 
     if datamodule.num_classes <= 0:
         raise ValueError(f"image metrics need a labelled data set to train the feature classifier; data={datamodule.name} has no labels")
     datamodule.setup()
+    reserve = int(getattr(datamodule, "classifier_reserve", 0) or 0)
+    if reserve >= len(datamodule.train_samples()):
+        raise ValueError(f"data.classifier_reserve={reserve} leaves no training images for the feature classifier")
     cache = None
     if feature_cache is not None:
-        cache = Path(feature_cache) / f"feature_classifier_{datamodule.name}_{'x'.join(map(str, datamodule.shape))}.pt"
+        suffix = f"_reserve{reserve}" if reserve else ""
+        cache = Path(feature_cache) / (f"feature_classifier_{datamodule.name}_{'x'.join(map(str, datamodule.shape))}"
+                                       f"{suffix}.pt")
         cache.parent.mkdir(parents=True, exist_ok=True)
     n_val = len(datamodule.heldout()) if num_val is None else min(int(num_val), len(datamodule.heldout()))
-    return train_feature_classifier(datamodule.train_samples(), datamodule.train_labels(), datamodule.heldout(n_val),
+    return train_feature_classifier(datamodule.train_samples()[reserve:], datamodule.train_labels()[reserve:],
+                                    datamodule.heldout(n_val),
                                     datamodule.heldout_labels(n_val), datamodule.num_classes, epochs=epochs,
                                     cache_path=cache)
 

@@ -29,6 +29,9 @@ class DiffusionDataModule(L.LightningDataModule):
     name: str = "data"
     law: Law | None = None
     num_classes: int = 0
+    # images: the first classifier_reserve training points are never shown to the evaluator's feature classifier;
+    # model selection in its features (grid, GITS, pathwise) scores against them (evaluation.feature_classifier_for)
+    classifier_reserve: int = 0
 
     def __init__(self, batch_size: int = 512, num_workers: int = 0, sigma_data: float = 0.5):
         super().__init__()

@@ -81,13 +81,16 @@ class ShapesDataModule(DiffusionDataModule):
         n_train, n_heldout: sizes of the two splits: independent draws from streams seeded by ``("shapes", "train",
             seed)`` and ``("shapes", "heldout", seed)``.
         resolution: the side R of the images (>= 8).
+        classifier_reserve: the first N training images are not shown to the evaluator's feature classifier; image
+            model selection (grid, GITS, pathwise) scores against them, images the classifier has not memorised
+            (0: it trains on every training image, and selection compares with images it has seen).
     """
 
     name = "shapes"
 
     def __init__(self, n_train: int = 20_000, n_heldout: int = 10_000, resolution: int = 16, seed: int = 0,
                  batch_size: int = 128, num_workers: int = 0, sigma_data: float = 0.5,
-                 shape: Sequence[int] | None = None, num_classes: int | None = None):
+                 shape: Sequence[int] | None = None, num_classes: int | None = None, classifier_reserve: int = 0):
         super().__init__(batch_size=batch_size, num_workers=num_workers, sigma_data=sigma_data)
         if isinstance(resolution, bool) or int(resolution) != resolution or resolution < 8:
             raise ValueError(f"data.resolution must be an integer >= 8, got {resolution}")
@@ -95,6 +98,11 @@ class ShapesDataModule(DiffusionDataModule):
             raise ValueError(f"data.n_train and data.n_heldout must be > 0, got {n_train} and {n_heldout}")
         self.resolution, self.n_train, self.n_heldout, self.seed = int(resolution), int(n_train), int(n_heldout), int(seed)
         self.num_classes = _check_declared(self.name, shape, num_classes, self.shape, len(CLASSES))
+        if isinstance(classifier_reserve, bool) or int(classifier_reserve) != classifier_reserve \
+                or not 0 <= classifier_reserve < n_train:
+            raise ValueError(f"data.classifier_reserve must be an integer in [0, n_train = {n_train}), got "
+                             f"{classifier_reserve}")
+        self.classifier_reserve = int(classifier_reserve)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -198,6 +198,9 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, map_location: str |
     return EDMPrecond(net, hp["sigma_data"], hp["shape"]).requires_grad_(False).eval()
 
 
+NOT_IN_DENOISER_KEY = ("classifier_reserve",)
+
+
 def cached_denoiser(data: Mapping, module: Mapping, max_steps: int = 2000, cache_dir: str | os.PathLike = ".cache/diffusion_irl/denoisers",
                     seed: int = 0, ema: bool = True, map_location: str | torch.device = "cpu",
                     progress: bool = True) -> EDMPrecond:
@@ -214,7 +217,10 @@ def cached_denoiser(data: Mapping, module: Mapping, max_steps: int = 2000, cache
         raise ValueError(f"denoiser.max_steps must be >= 1, got {max_steps}")
     data_cfg, module_cfg = plain(data), plain(module)
     check_network_shape(module_cfg.get("net"), module_cfg.get("shape") or data_cfg.get("shape") or [])
-    key = json.dumps({"data": data_cfg, "module": module_cfg, "max_steps": int(max_steps), "seed": int(seed)}, sort_keys=True)
+    # keys that do not change the denoiser's training stay out of the hash (the evaluator's classifier reserve)
+    trained_on = {k: v for k, v in data_cfg.items() if k not in NOT_IN_DENOISER_KEY}
+    key = json.dumps({"data": trained_on, "module": module_cfg, "max_steps": int(max_steps), "seed": int(seed)},
+                     sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = os.path.join(os.fspath(cache_dir), f"denoiser_{digest}.ckpt")
     if not os.path.isfile(path):

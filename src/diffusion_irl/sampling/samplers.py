@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_irl.sampling import solvers
+from diffusion_irl.sampling.correction import corrected
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.schedules import KarrasSchedule, Schedule, karras_sigmas
 from diffusion_irl.tensors import batch_sigma
@@ -100,6 +101,7 @@ class Sampler:
     nfe_per_step, nfe_offset = 1, 0
     min_steps = 1
     single_step = False  # True for SingleStepSampler: the sampling MDP can take it as its base sampler
+    correction = None  # a learned correction g (or the schedule's): sample() runs on D + g (sampling/correction.py)
 
     def __init__(self, schedule: Schedule | None = None):
         self.schedule = schedule if schedule is not None else KarrasSchedule()
@@ -154,7 +156,8 @@ class Sampler:
         (already scaled) is given. ``trajectory=True`` keeps every state (memory grows with steps)."""
         if steps < self.min_steps:
             raise ValueError(f"{self.name} needs at least {self.min_steps} steps, got {steps}")
-        D = NFECounter(denoiser)
+        correction = self.correction if self.correction is not None else getattr(self.schedule, "correction", None)
+        D = NFECounter(corrected(denoiser, correction))
         sigmas = self.sigmas(steps)
         x = x_init if x_init is not None else noise.initial(tuple(shape)) * float(sigmas[0])
         states = [x] if trajectory else None

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -228,15 +229,25 @@ class SigmaSchedule(Schedule):
     number per line, or a JSON list, or a JSON object with a ``sigmas`` list). It serves exactly ``len(levels)``
     steps; asking for another count is an error naming both.
 
+    A JSON file whose ``correction`` names a file beside it (a tuning with ``correction=true``) brings that learned
+    correction of the denoiser along (``self.correction``): a sampler on this schedule samples with ``D + g``.
+
     Args:
         sigmas: the levels (the final 0 may be omitted). path: a file holding them instead.
     """
+
+    correction = None
 
     def __init__(self, sigmas=None, path: str | None = None):
         if (sigmas is None) == (path is None):
             raise ValueError("schedule: give exactly one of sigmas (a list) and path (a file)")
         where = "schedule.sigmas" if path is None else f"schedule.path={path}"
         self.sigmas, self.path = check_sigmas(read_sigmas(path) if path is not None else list(sigmas), where), path
+        name = read_correction_name(path) if path is not None else None
+        if name:
+            from diffusion_irl.sampling.correction import load_correction
+
+            self.correction = load_correction(Path(path).parent / name)
 
     @property
     def steps(self) -> int:
@@ -269,6 +280,15 @@ def read_sigmas(path: str) -> list[float]:
         return [float(line.split("#")[0]) for line in text.splitlines() if line.split("#")[0].strip()]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"schedule.path={path}: not a list of noise levels ({exc})") from None
+
+
+def read_correction_name(path: str) -> str | None:
+    """The ``correction`` file a JSON schedule names (None for any other file)."""
+    import json
+
+    text = Path(path).read_text().strip()
+    data = json.loads(text) if text.startswith("{") else {}
+    return data.get("correction") or None
 
 
 def write_sigmas(sigmas: Tensor, path, extra: dict | None = None) -> None:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_irl.runs import report
+from diffusion_irl.sampling.correction import with_correction
 from diffusion_irl.sampling.samplers import Sampler
 from diffusion_irl.sampling.schedules import SigmaSchedule
 from diffusion_irl.tuning.grid import write_grid_csv
@@ -76,6 +77,8 @@ def tune_rows(tuners: Mapping[str, Tuner], solvers: Mapping[str, Sampler], nfes:
     for nfe, solver, name in tqdm(plan, desc="tune", disable=not progress or not plan, dynamic_ncols=True):
         result = tuners[name].tune(solvers[solver], denoiser, datamodule, nfe, seed, device)
         sampler = with_schedule(solvers[solver], SigmaSchedule(sigmas=[float(s) for s in result.sigmas]))
+        if result.correction is not None:
+            sampler = with_correction(sampler, result.correction)
         rows.append(TunedRow(row_name(solver, name), solver, name, int(nfe), sampler, result))
         report(f"{name} for {solver} at {nfe} NFE: sigmas [{', '.join(f'{float(s):.4g}' for s in result.sigmas)}], "
                f"{result.cost_nfe:.3g} denoiser evaluations, {result.wall_seconds:.1f} s")

@@ -13,6 +13,7 @@ Cost: ``points x num_samples x NFE`` denoiser evaluations.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from diffusion_irl.metrics.samples import finite_rows, mmd, mmd_self_term
 from diffusion_irl.sampling.samplers import Sampler
 from diffusion_irl.sampling.schedules import KarrasSchedule
 from diffusion_irl.tuning.tuners import Tuner, positive_int, with_schedule
+
+log = logging.getLogger(__name__)
 
 KEYS = ("sigma_max", "rho", "sigma_min")
 
@@ -46,8 +49,20 @@ def selection_scorer(datamodule, num_train: int, feature_cache=None,
     Vectors: the unbiased squared MMD of ``metrics.samples.mmd`` (multi-scale RBF kernel), the value
     ``scorer_for(datamodule, num_train, split="train")`` reports as ``mmd`` for up to 4000 points, without the other
     metrics that scorer computes (about 4x faster); the training points' self-term is computed once. Images: the
-    Fréchet distance ``fd`` of ``scorer_for(..., split="train")``. Samples with a NaN / inf row score inf."""
+    Fréchet distance ``fd`` of ``scorer_for(..., split="train")``, against training images the feature classifier
+    has not seen when the data reserve them (``data.classifier_reserve``; the points must then fit in the reserve),
+    else with a warning: a classifier's features of its own training images are tighter than of any other image,
+    so a sampler that imitates them wins the selection and loses on held-out data. Samples with a NaN / inf row
+    score inf."""
     if len(datamodule.shape) != 1:
+        reserve = int(getattr(datamodule, "classifier_reserve", 0) or 0)
+        if reserve and offset + num_train > reserve:
+            raise ValueError(f"model selection against training points [{offset}, {offset + num_train}), but "
+                             f"data.classifier_reserve={reserve} keeps only the first {reserve} from the feature "
+                             "classifier: raise it or lower the tuner's number of selection points")
+        if not reserve:
+            log.warning("image model selection scores against training images the feature classifier was trained "
+                        "on (data.classifier_reserve=0); a reserve of unseen ones is the fair reference")
         score = scorer_for(datamodule, num_train, feature_cache, split="train", offset=offset)
         return "fd", lambda x, seed: float(score(x, seed)["fd"]) if bool(finite_rows(x).all()) else math.inf
     datamodule.setup()

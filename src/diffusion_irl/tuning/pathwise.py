@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from diffusion_irl import seeding
 from diffusion_irl.discriminator.module import discriminator_loss, forward_noise, paired_batch
 from diffusion_irl.rl.rewards import Reward
+from diffusion_irl.sampling.correction import Correction, corrected, correction_scale, frozen_copy, with_correction
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.samplers import seed_conditioned, seed_labels
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
@@ -149,7 +150,8 @@ class PathwiseTuner(Tuner):
             iteration's samples and fresh training points), and its steps on the starting schedule's samples first.
         disc_sigmas: the noise levels both classes are compared at (each sample draws one).
         average: the fraction of the last iterations whose log-levels are averaged into a checkpoint's schedule.
-        num_train: training points the real class is drawn from.
+        num_train: training points the real class is drawn from (with ``discriminator=features``, only among the
+            ``data.classifier_reserve`` ones the feature classifier has not seen, when the data reserve any).
         starts: first levels of the Karras starts (``init_sigma_min``, ``init_rho``), or ``sampler``: the solver's
             own schedule as one of the starts; null: one start at ``init``.
         explore: iterations of every start before the best one (training-split score) goes on.
@@ -166,6 +168,10 @@ class PathwiseTuner(Tuner):
             points. ``disjoint``: seed ``k`` against points ``[k select_train, (k + 1) select_train)``, so the
             per-seed scores are independent in the reference too and the margin's standard error includes the
             reference's noise (needs ``select_seeds x select_train`` training points).
+        correction: true (vectors): a correction ``g(x, sigma)`` of the denoiser (``sampling/correction.py``,
+            zero at the start) is trained with the schedule by the same gradient; the tuned row samples with
+            ``D + g`` at the same NFE. ``correction_hidden``, ``correction_depth``: its MLP; ``correction_lr``: its
+            Adam step.
     """
 
     name = "pathwise"
@@ -180,7 +186,9 @@ class PathwiseTuner(Tuner):
                  disc_sigmas: Sequence[float] = (0.0, 0.02, 0.05), average: float = 0.25, num_train: int = 20000,
                  starts: Sequence[float] | None = (80.0, 20.0, 5.0), explore: int = 40, select_every: int = 30,
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
-                 select_margin: float = 0.0, select_reference: str = "shared", feature_cache: str | None = None):
+                 select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
+                 correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
+                 feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
                              f"got {discriminator!r}")
@@ -240,6 +248,14 @@ class PathwiseTuner(Tuner):
         if select_reference not in SELECT_REFERENCES:
             raise ValueError(f"tuner.select_reference must be one of {SELECT_REFERENCES}, got {select_reference!r}")
         self.select_reference = select_reference
+        if not isinstance(correction, bool):
+            raise ValueError(f"tuner.correction must be true or false, got {correction!r}")
+        self.correction = correction
+        self.correction_hidden = positive_int(correction_hidden, "tuner.correction_hidden")
+        self.correction_depth = positive_int(correction_depth, "tuner.correction_depth")
+        if not (math.isfinite(correction_lr) and correction_lr > 0):
+            raise ValueError(f"tuner.correction_lr must be > 0, got {correction_lr}")
+        self.correction_lr = float(correction_lr)
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
@@ -253,7 +269,9 @@ class PathwiseTuner(Tuner):
                 "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
                 "select_every": self.select_every, "select_samples": self.select_samples,
                 "select_seeds": self.select_seeds, "select_margin": self.select_margin,
-                "select_reference": self.select_reference}
+                "select_reference": self.select_reference, "correction": self.correction,
+                **({"correction_hidden": self.correction_hidden, "correction_depth": self.correction_depth,
+                    "correction_lr": self.correction_lr} if self.correction else {})}
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
@@ -338,6 +356,18 @@ class PathwiseTuner(Tuner):
                         module.reset_parameters()
         return net
 
+    def seeded_correction(self, shape: tuple, seed: int, start: int) -> Correction | None:
+        """A zero correction (``correction=true``) whose hidden layers are drawn from ``("tune", "pathwise",
+        "correction", seed, start)``, else None."""
+        if not self.correction:
+            return None
+        if len(shape) != 1:
+            raise ValueError(f"tuner.correction=true is for vector data; this data set's samples have shape "
+                             f"{list(shape)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeding.derive_seed("tune", "pathwise", "correction", seed, start))
+            return Correction(shape[0], self.correction_hidden, self.correction_depth)
+
     def admitted(self, checkpoints: list[tuple], per_seed: dict[int, list[float]]) -> list[bool]:
         """Which ``checkpoints`` (finite ones, ``(iteration, schedule, score, start)``) may be returned. The
         reference, the best checkpoint scored before any step (a start), always may; with ``select_margin = z > 0``
@@ -360,6 +390,9 @@ class PathwiseTuner(Tuner):
         datamodule.setup()
         shape = tuple(datamodule.shape)
         num_train = min(self.num_train, len(datamodule.train_samples()))
+        reserve = int(getattr(datamodule, "classifier_reserve", 0) or 0)
+        if self.discriminator == "features" and reserve:  # real images the feature classifier has not seen
+            num_train = min(num_train, reserve)
         train = datamodule.train_samples(num_train).to(device)
         num_classes, train_labels = 0, None
         if self.conditional:
@@ -375,7 +408,16 @@ class PathwiseTuner(Tuner):
         firsts = self.starts or [None]
         runs = [_Run(self, sampler, D, train, shape, self.levels(sampler, steps, first),
                      self.seeded_network(datamodule, seed, i, num_classes, features), gen, seed, device,
-                     train_labels, num_classes) for i, first in enumerate(firsts)]
+                     train_labels, num_classes, self.seeded_correction(shape, seed, i))
+                for i, first in enumerate(firsts)]
+        nets: dict[int, nn.Module | None] = {}  # id(schedule) -> the correction it goes with (a frozen copy)
+
+        def result_of(run: _Run) -> Tensor:
+            """The run's schedule now, its correction's state recorded beside it."""
+            sigmas = run.result()
+            nets[id(sigmas)] = frozen_copy(run.correction) if run.correction is not None else None
+            return sigmas
+
         scoring = len(runs) > 1 or self.select_every > 0
         noise_seeds = [seeding.derive_seed("tune", "pathwise", "select", seed)]
         noise_seeds += [seeding.derive_seed("tune", "pathwise", "select", seed, k) for k in range(1, self.select_seeds)]
@@ -396,7 +438,8 @@ class PathwiseTuner(Tuner):
         def scores(schedules: list[Tensor]) -> list[float]:
             """Training-split scores of ``schedules``, the mean over the selection seeds (the same noise for each
             schedule; the samples are counted by D); each seed's score is kept in ``per_seed``."""
-            candidates = [(i, with_schedule(sampler, SigmaSchedule(s.tolist()))) for i, s in enumerate(schedules)]
+            candidates = [(i, with_correction(with_schedule(sampler, SigmaSchedule(s.tolist())), nets.get(id(s))))
+                          for i, s in enumerate(schedules)]
             values = [[] for _ in schedules]
             for noise_seed, score in zip(noise_seeds, scorers):
                 out, _ = mean_scores(candidates, D, shape, steps, self.select_samples, [noise_seed], 4096, device,
@@ -412,11 +455,11 @@ class PathwiseTuner(Tuner):
         checkpoints: list[tuple[int, Tensor, float, object]] = []  # (iteration, schedule, training score, start)
         if len(runs) > 1:
             if self.select_every:  # every start is a candidate too: the result is never worse than the best start
-                starts = [run.result() for run in runs]
+                starts = [result_of(run) for run in runs]
                 checkpoints += [(0, start, value, first) for start, value, first in zip(starts, scores(starts), firsts)]
             for run in runs:
                 run.train(explore)
-            results = [run.result() for run in runs]
+            results = [result_of(run) for run in runs]
             values = scores(results)
             finite = [i for i, v in enumerate(values) if math.isfinite(v)]
             if not finite:
@@ -428,7 +471,7 @@ class PathwiseTuner(Tuner):
             runs = [runs[best]]
             checkpoints.append((explore, results[best], values[best], firsts[best]))
         elif self.select_every:
-            start = runs[0].result()  # a single start (a warm start from a tuned schedule) is a checkpoint too
+            start = result_of(runs[0])  # a single start (a warm start from a tuned schedule) is a checkpoint too
             checkpoints.append((0, start, scores([start])[0], firsts[0]))
         run, remaining = runs[0], self.iterations - explore
         origin = details.get("selected_start", firsts[0])  # the start the later checkpoints come from
@@ -437,7 +480,7 @@ class PathwiseTuner(Tuner):
             run.train(chunk)
             remaining -= chunk
             if self.select_every:
-                result = run.result()
+                result = result_of(run)
                 checkpoints.append((run.iteration, result, scores([result])[0], origin))
         if self.select_every:
             finite = [c for c in checkpoints if math.isfinite(c[2])]
@@ -452,7 +495,9 @@ class PathwiseTuner(Tuner):
             details["selected_iteration"] = iteration
             details["selected_checkpoint_start"] = origin  # the start the returned schedule came from
         else:
-            sigmas = run.result()
+            sigmas = result_of(run)
+        if self.correction:
+            details["correction"] = nets[id(sigmas)]
         return sigmas, {**details, "initial_sigmas": [float(v) for v in run.start], "averaged_iterations": run.kept,
                         "final_loss": run.history["loss"][-1], "final_disc_acc": run.history["disc_acc"][-1],
                         "grad_snr": run.grad_snr(),
@@ -475,7 +520,7 @@ class _Run:
 
     def __init__(self, tuner: PathwiseTuner, sampler, D, train: Tensor, shape: tuple, levels: nn.Module,
                  disc: nn.Module, gen: torch.Generator, seed: int, device, train_labels: Tensor | None = None,
-                 num_classes: int = 0):
+                 num_classes: int = 0, correction: Correction | None = None):
         self.tuner, self.sampler, self.D, self.train_data, self.shape = tuner, sampler, D, train, shape
         self.levels, self.disc, self.gen, self.seed, self.device = levels.to(device), disc.to(device), gen, seed, device
         self.train_labels, self.num_classes = train_labels, num_classes
@@ -486,11 +531,16 @@ class _Run:
         # the discriminator's trainable parameters (a feature discriminator's feature network stays frozen)
         self.disc_params = [p for p in self.disc.parameters() if p.requires_grad]
         self.disc_opt = torch.optim.Adam(self.disc_params, lr=tuner.disc_lr, betas=(0.5, 0.999))
+        self.correction = correction.to(device) if correction is not None else None
+        self.corr_opt = (torch.optim.Adam(self.correction.parameters(), lr=tuner.correction_lr)
+                         if correction is not None else None)
         self.choices = torch.tensor(tuner.disc_sigmas, dtype=torch.float32)
         with torch.no_grad():
             self.start = self.levels().detach().cpu()
         self.history: dict[str, list[float]] = {k: [] for k in ("loss", "disc_acc", "logit_fake", "logit_real",
                                                                  "sigma_max", "grad_norm")}
+        if correction is not None:
+            self.history["correction_scale"] = []
         # the gradient itself, one column per schedule parameter (free: log s_0, then the gaps; karras: log s_max,
         # log s_min, log rho): its signal-to-noise ratio over iterations is in grad_snr()
         self.num_params = sum(p.numel() for p in self.levels.parameters())
@@ -511,7 +561,8 @@ class _Run:
         labels = seed_labels(seeds, self.num_classes) if self.num_classes else None
         with torch.set_grad_enabled(grad):
             sigmas = self.levels()
-            x = solve(self.sampler, seed_conditioned(self.D, seeds), eps * sigmas[0].to(eps.dtype), sigmas)
+            D = corrected(seed_conditioned(self.D, seeds), self.correction)
+            x = solve(self.sampler, D, eps * sigmas[0].to(eps.dtype), sigmas)
         return x, labels
 
     def disc_step(self, fake: Tensor, labels: Tensor | None = None) -> dict:
@@ -544,6 +595,8 @@ class _Run:
             for p in self.disc_params:
                 p.requires_grad_(True)
             self.opt.zero_grad()
+            if self.corr_opt is not None:
+                self.corr_opt.zero_grad()
             loss.backward()
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().reshape(-1)
                               for p in self.levels.parameters()])
@@ -552,6 +605,9 @@ class _Run:
                 raise FloatingPointError(f"tuner=pathwise: non-finite loss or gradient at iteration {it} "
                                          f"(loss {float(loss):.3g}); lower tuner.lr")
             self.opt.step()
+            if self.corr_opt is not None:
+                self.corr_opt.step()
+                self.history["correction_scale"].append(correction_scale(self.correction))
             self.levels.project()
             with torch.no_grad():
                 self.log_levels.append(self.levels.log_levels().detach().cpu())

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffusion_irl import seeding
+from diffusion_irl.sampling.correction import correction_scale, save_correction
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.samplers import NFECounter, Sampler
 from diffusion_irl.sampling.schedules import Schedule, SigmaSchedule, check_sigmas, write_sigmas
@@ -44,7 +45,8 @@ class TuningResult:
     ``sigmas``: [steps + 1] float64, ending in 0. ``cost_nfe``: per-sample denoiser evaluations spent by the tuner
     (forward calls; the backward passes of LD3 and the pathwise tuner are not counted separately). ``denoiser_calls``: batched calls.
     ``settings``: the tuner's settings. ``details``: tuner-specific results (grid: best point, its training-split
-    score and every point; gits: the path's levels and cost; ld3: the loss curve)."""
+    score and every point; gits: the path's levels and cost; ld3: the loss curve). ``correction``: a learned
+    correction of the denoiser that goes with the schedule (pathwise with ``correction=true``), else None."""
 
     tuner: str
     solver: str
@@ -56,6 +58,7 @@ class TuningResult:
     denoiser_calls: int = 0
     settings: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    correction: nn.Module | None = None
 
     def record(self) -> dict:
         """The JSON record of ``tuning.json`` (``details`` without bulky per-point lists)."""
@@ -63,7 +66,13 @@ class TuningResult:
         return {"tuner": self.tuner, "solver": self.solver, "nfe": self.nfe, "steps": self.steps,
                 "sigmas": [float(s) for s in self.sigmas], "cost_nfe": self.cost_nfe,
                 "denoiser_calls": self.denoiser_calls, "wall_seconds": self.wall_seconds,
-                "settings": self.settings, **details}
+                "settings": self.settings, **details, **self._correction_record()}
+
+    def _correction_record(self) -> dict:
+        if self.correction is None:
+            return {}
+        return {"correction_parameters": sum(p.numel() for p in self.correction.parameters()),
+                "correction_scale": correction_scale(self.correction)}
 
     def history(self) -> dict[str, list[float]] | None:
         """The tuner's per-iteration curves (pathwise: loss, discriminator accuracy and logits, first level,
@@ -86,9 +95,15 @@ class TuningResult:
         return True
 
     def write_schedule(self, path: str | Path) -> None:
-        """``schedule.json``: readable by :class:`SigmaSchedule` (``schedule.path=...``)."""
-        write_sigmas(self.sigmas, path, {"tuner": self.tuner, "solver": self.solver, "nfe": self.nfe,
-                                         "steps": self.steps})
+        """``schedule.json``: readable by :class:`SigmaSchedule` (``schedule.path=...``). With a correction, also
+        ``<stem>_correction.pt`` beside it, named in the JSON's ``correction`` (:func:`load_tuned_sampler` reads
+        both)."""
+        meta = {"tuner": self.tuner, "solver": self.solver, "nfe": self.nfe, "steps": self.steps}
+        if self.correction is not None:
+            file = Path(path).with_name(f"{Path(path).stem}_correction.pt")
+            save_correction(self.correction, file)
+            meta["correction"] = file.name
+        write_sigmas(self.sigmas, path, meta)
 
 
 class Tuner:
@@ -125,12 +140,13 @@ class Tuner:
         D = EvaluationCounter(denoiser)
         start = time.perf_counter()
         sigmas, details = self._tune(sampler, D, datamodule, steps, seed, device)
+        correction = details.pop("correction", None)
         seconds = time.perf_counter() - start
         sigmas = check_sigmas(sigmas.detach().double().cpu(), f"{self.name} schedule")
         if len(sigmas) != steps + 1:
             raise RuntimeError(f"{self.name} produced {len(sigmas) - 1} steps for a {steps}-step budget")
         return TuningResult(self.name, sampler.name, int(nfe), steps, sigmas, D.evaluations, seconds, D.nfe,
-                            self.settings(), details)
+                            self.settings(), details, correction)
 
 
 def with_schedule(sampler: Sampler, schedule: Schedule) -> Sampler:
@@ -143,8 +159,8 @@ def with_schedule(sampler: Sampler, schedule: Schedule) -> Sampler:
 
 
 def load_tuned_sampler(sampler: Sampler, path: str | Path) -> Sampler:
-    """``sampler`` with its schedule replaced by ``SigmaSchedule(path=path)`` (a tuner's ``schedule.json``): the
-    evaluator can run it as a row, at the budget it was tuned for."""
+    """``sampler`` with its schedule replaced by ``SigmaSchedule(path=path)`` (a tuner's ``schedule.json``, with the
+    correction it names, if any): the evaluator can run it as a row, at the budget it was tuned for."""
     return with_schedule(sampler, SigmaSchedule(path=str(path)))
 
 

@@ -1,0 +1,109 @@
+"""A learned correction of the denoiser: ``D'(x, sigma) = D(x, sigma) + g(x, sigma)`` with a small network ``g`` whose
+last layer starts at zero (so ``D' = D`` before any training). The pathwise tuner trains ``g`` with the schedule
+(``tuner.correction=true``) by the gradient of its data-driven reward: a schedule alone cannot move the samples
+past the denoiser's own errors, a correction can.
+
+A sampler carries its correction (``sampler.correction``; :func:`with_correction`): every ``sample`` call then runs
+on ``D'``, one call of ``g`` beside each denoiser evaluation, so the NFE count is unchanged (``g`` is small: its
+parameter count is printed beside the tuned row). :func:`save_correction` / :func:`load_correction` keep it beside
+the tuned ``schedule.json``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class Correction(nn.Module):
+    """``g(x, sigma)`` for vectors of ``dims`` coordinates: an MLP on ``(x / sqrt(sigma^2 + 1), log(sigma) / 4)``
+    (EDM's input scaling, data of unit scale) with ``depth`` hidden layers of ``hidden`` units; its last layer is
+    zero, so ``g = 0`` at initialisation."""
+
+    def __init__(self, dims: int, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        if int(dims) < 1 or int(hidden) < 1 or int(depth) < 1:
+            raise ValueError(f"a correction needs dims, hidden, depth >= 1, got {dims}, {hidden}, {depth}")
+        self.dims, self.hidden, self.depth = int(dims), int(hidden), int(depth)
+        layers, width = [], self.dims + 1
+        for _ in range(self.depth):
+            layers += [nn.Linear(width, self.hidden), nn.SiLU()]
+            width = self.hidden
+        last = nn.Linear(width, self.dims)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+
+    def forward(self, x: Tensor, sigma) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dims:
+            raise ValueError(f"this correction is for [B, {self.dims}] states, got {list(x.shape)}")
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(len(x), 1)
+        h = torch.cat([x / torch.sqrt(sigma**2 + 1), torch.log(sigma) / 4], dim=1)
+        return self.net(h.to(self.net[-1].weight.dtype)).to(x.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class CorrectedDenoiser(nn.Module):
+    """``denoiser(x, sigma, ...) + correction(x, sigma)``; a class-conditional denoiser's labels pass through to it
+    (the correction itself is unconditional)."""
+
+    def __init__(self, denoiser: Callable, correction: nn.Module):
+        super().__init__()
+        self.denoiser, self.correction = denoiser, correction
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.denoiser, "num_classes", 0) or 0)
+
+    def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
+        return self.denoiser(x, sigma, *args, **kwargs) + self.correction(x, sigma)
+
+
+def corrected(denoiser: Callable, correction: nn.Module | None) -> Callable:
+    """``denoiser`` with ``correction`` added, or ``denoiser`` itself without one."""
+    return denoiser if correction is None else CorrectedDenoiser(denoiser, correction)
+
+
+def with_correction(sampler, correction: nn.Module | None):
+    """A shallow copy of ``sampler`` whose ``sample`` runs on the corrected denoiser (the original is untouched)."""
+    out = copy.copy(sampler)
+    out.correction = correction
+    return out
+
+
+def frozen_copy(correction: nn.Module) -> nn.Module:
+    """A detached copy in eval mode with no gradients (a checkpoint of a correction under training)."""
+    out = copy.deepcopy(correction).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def save_correction(correction: Correction, path: str | Path) -> None:
+    torch.save({"dims": correction.dims, "hidden": correction.hidden, "depth": correction.depth,
+                "state_dict": {k: v.detach().cpu() for k, v in correction.state_dict().items()}}, str(path))
+
+
+def load_correction(path: str | Path) -> Correction:
+    """A correction written by :func:`save_correction`."""
+    if not Path(path).is_file():
+        raise ValueError(f"correction {path}: no such file")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    out = Correction(state["dims"], state["hidden"], state["depth"])
+    out.load_state_dict(state["state_dict"])
+    return frozen_copy(out)
+
+
+def correction_scale(correction: nn.Module | None) -> float:
+    """The size of the last layer's weights (0 at initialisation): how far a correction has moved."""
+    if correction is None:
+        return 0.0
+    last = [m for m in correction.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        return float(math.sqrt(float(last.weight.pow(2).sum() + last.bias.pow(2).sum())))
