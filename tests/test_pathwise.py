@@ -332,6 +332,11 @@ def test_selection_reference_blocks_are_disjoint_training_points(datamodule, mon
         PathwiseTuner(select_reference="disjoint", **{**kwargs, "select_seeds": 5}).tune(Euler(), D, datamodule, 4)
 
 
+def _shrink(x, sigma):
+    s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return x / (1 + s**2)
+
+
 def test_a_classifier_reserve_keeps_selection_images_from_the_feature_classifier(tmp_path, monkeypatch):
     """``data.classifier_reserve = N``: the evaluator's feature classifier trains on the training images after the
     first N; image model selection scores against those N, and the feature discriminator draws its real images
@@ -367,5 +372,16 @@ def test_a_classifier_reserve_keeps_selection_images_from_the_feature_classifier
     monkeypatch.setattr(PathwiseTuner, "feature_network", keep)
     tuner = PathwiseTuner(discriminator="features", iterations=1, batch=8, disc_warmup=1, starts=None, select_every=0,
                           feature_cache=str(tmp_path))
-    tuner.tune(Euler(), lambda x, sigma: x / (1 + torch.as_tensor(sigma) ** 2), dm, 4, seed=0)
+    tuner.tune(Euler(), _shrink, dm, 4, seed=0)
     assert torch.equal(reals[0].cpu(), dm.train_samples()[:100])
+    # disc_holdout: the discriminator's real images start after the selection's reference images
+    reals.clear()
+    held = PathwiseTuner(discriminator="features", iterations=2, batch=8, disc_warmup=1, starts=None, select_every=1,
+                         select_samples=20, select_train=40, disc_holdout=True, feature_cache=str(tmp_path))
+    result = held.tune(Euler(), _shrink, dm, 4, seed=0)
+    assert torch.equal(reals[0].cpu(), dm.train_samples()[40:100]) and result.settings["disc_holdout"] is True
+    with pytest.raises(ValueError, match="leaves 0 of 100 for the discriminator"):
+        PathwiseTuner(discriminator="features", iterations=1, starts=None, select_every=1, select_train=100,
+                      disc_holdout=True, feature_cache=str(tmp_path)).tune(Euler(), _shrink, dm, 4)
+    with pytest.raises(ValueError, match="tuner.disc_holdout must be true or false"):
+        PathwiseTuner(disc_holdout=1)

@@ -152,6 +152,9 @@ class PathwiseTuner(Tuner):
         average: the fraction of the last iterations whose log-levels are averaged into a checkpoint's schedule.
         num_train: training points the real class is drawn from (with ``discriminator=features``, only among the
             ``data.classifier_reserve`` ones the feature classifier has not seen, when the data reserve any).
+        disc_holdout: true: the discriminator's real points exclude the training points the selection scores
+            against (they start after them), so the adversary that moves the schedule never sees the selection's
+            reference, as a validation set is kept from training.
         starts: first levels of the Karras starts (``init_sigma_min``, ``init_rho``), or ``sampler``: the solver's
             own schedule as one of the starts; null: one start at ``init``.
         explore: iterations of every start before the best one (training-split score) goes on.
@@ -188,6 +191,7 @@ class PathwiseTuner(Tuner):
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
+                 disc_holdout: bool = False,
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
@@ -248,6 +252,9 @@ class PathwiseTuner(Tuner):
         if select_reference not in SELECT_REFERENCES:
             raise ValueError(f"tuner.select_reference must be one of {SELECT_REFERENCES}, got {select_reference!r}")
         self.select_reference = select_reference
+        if not isinstance(disc_holdout, bool):
+            raise ValueError(f"tuner.disc_holdout must be true or false, got {disc_holdout!r}")
+        self.disc_holdout = disc_holdout
         if not isinstance(correction, bool):
             raise ValueError(f"tuner.correction must be true or false, got {correction!r}")
         self.correction = correction
@@ -269,7 +276,8 @@ class PathwiseTuner(Tuner):
                 "sigma_range": [self.sigma_low, self.sigma_high], "starts": self.starts, "explore": self.explore,
                 "select_every": self.select_every, "select_samples": self.select_samples,
                 "select_seeds": self.select_seeds, "select_margin": self.select_margin,
-                "select_reference": self.select_reference, "correction": self.correction,
+                "select_reference": self.select_reference, "disc_holdout": self.disc_holdout,
+                "correction": self.correction,
                 **({"correction_hidden": self.correction_hidden, "correction_depth": self.correction_depth,
                     "correction_lr": self.correction_lr} if self.correction else {})}
 
@@ -389,11 +397,17 @@ class PathwiseTuner(Tuner):
     def _tune(self, sampler, D, datamodule, steps, seed, device):
         datamodule.setup()
         shape = tuple(datamodule.shape)
-        num_train = min(self.num_train, len(datamodule.train_samples()))
+        available = len(datamodule.train_samples())
         reserve = int(getattr(datamodule, "classifier_reserve", 0) or 0)
-        if self.discriminator == "features" and reserve:  # real images the feature classifier has not seen
-            num_train = min(num_train, reserve)
-        train = datamodule.train_samples(num_train).to(device)
+        end = reserve if (self.discriminator == "features" and reserve) else available  # features: unseen images
+        scoring = len(self.starts or [None]) > 1 or self.select_every > 0
+        blocks = self.select_seeds if self.select_reference == "disjoint" else 1
+        skip = blocks * self.select_train if (self.disc_holdout and scoring) else 0  # past the selection's points
+        if end - skip < 2:
+            raise ValueError(f"tuner.disc_holdout=true: the selection scores against the first {skip} training "
+                             f"points, which leaves {max(end - skip, 0)} of {end} for the discriminator")
+        stop = min(end, skip + self.num_train)
+        train = datamodule.train_samples(stop)[skip:].to(device)
         num_classes, train_labels = 0, None
         if self.conditional:
             num_classes = int(getattr(D, "num_classes", 0) or 0)
@@ -402,7 +416,7 @@ class PathwiseTuner(Tuner):
             if int(getattr(datamodule, "num_classes", 0) or 0) != num_classes:
                 raise ValueError(f"tuner.conditional=true: the denoiser has {num_classes} classes, data="
                                  f"{datamodule.name} has {getattr(datamodule, 'num_classes', 0)}")
-            train_labels = datamodule.train_labels(num_train).long()
+            train_labels = datamodule.train_labels(stop)[skip:].long()
         features = self.feature_network(datamodule, train) if self.discriminator == "features" else None
         gen = seeding.generator("tune", "pathwise", seed)
         firsts = self.starts or [None]
@@ -418,13 +432,10 @@ class PathwiseTuner(Tuner):
             nets[id(sigmas)] = frozen_copy(run.correction) if run.correction is not None else None
             return sigmas
 
-        scoring = len(runs) > 1 or self.select_every > 0
         noise_seeds = [seeding.derive_seed("tune", "pathwise", "select", seed)]
         noise_seeds += [seeding.derive_seed("tune", "pathwise", "select", seed, k) for k in range(1, self.select_seeds)]
         metric, scorers = None, []
         if scoring:  # one scorer per selection seed: the same training points (shared) or its own block (disjoint)
-            blocks = self.select_seeds if self.select_reference == "disjoint" else 1
-            available = len(datamodule.train_samples())
             if blocks * self.select_train > available:
                 raise ValueError(f"tuner.select_reference=disjoint needs select_seeds x select_train = {blocks} x "
                                  f"{self.select_train} training points; data={datamodule.name} has {available}")
