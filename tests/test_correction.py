@@ -93,8 +93,8 @@ def test_a_correction_travels_with_its_schedule_file(datamodule, tmp_path):
     meta = json.loads((tmp_path / "schedules" / "euler_pathwise_nfe6.json").read_text())
     assert meta["correction"] == "euler_pathwise_nfe6_correction.pt"
     expected = row.sampler.sample(D, (50, 2), 6, NoiseStream(seed=1)).x
-    for sampler in (with_schedule(Euler(), SigmaSchedule(path=str(tmp_path / "schedules" / "euler_pathwise_nfe6.json"))),
-                    load_tuned_sampler(Euler(), tmp_path / "schedules" / "euler_pathwise_nfe6.json")):
+    path = tmp_path / "schedules" / "euler_pathwise_nfe6.json"
+    for sampler in (with_schedule(Euler(), SigmaSchedule(path=str(path))), load_tuned_sampler(Euler(), path)):
         assert torch.allclose(sampler.sample(D, (50, 2), 6, NoiseStream(seed=1)).x, expected)
     assert SigmaSchedule(sigmas=[1.0, 0.5, 0.0]).correction is None
 

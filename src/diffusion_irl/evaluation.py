@@ -771,7 +771,8 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
     offset = int(offset)
     available = len(pool()) - offset
     if offset < 0 or available <= 0:
-        raise ValueError(f"offset={offset}: the {split} split of data={datamodule.name} has {available + offset} points")
+        raise ValueError(f"offset={offset}: the {split} split of data={datamodule.name} has "
+                         f"{available + offset} points")
     n = available if num_heldout is None else min(int(num_heldout), available)
     heldout = pool(offset + n)[offset:]
     if not image_data:
