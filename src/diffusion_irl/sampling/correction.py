@@ -45,9 +45,6 @@ class Correction(nn.Module):
         h = torch.cat([x / torch.sqrt(sigma**2 + 1), torch.log(sigma) / 4], dim=1)
         return self.net(h.to(self.net[-1].weight.dtype)).to(x.dtype)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 class CorrectedDenoiser(nn.Module):
     """``denoiser(x, sigma, ...) + correction(x, sigma)``; a class-conditional denoiser's labels pass through to it

@@ -242,8 +242,8 @@ class SigmaSchedule(Schedule):
         if (sigmas is None) == (path is None):
             raise ValueError("schedule: give exactly one of sigmas (a list) and path (a file)")
         where = "schedule.sigmas" if path is None else f"schedule.path={path}"
-        self.sigmas, self.path = check_sigmas(read_sigmas(path) if path is not None else list(sigmas), where), path
-        name = read_correction_name(path) if path is not None else None
+        levels, name = read_schedule_file(path) if path is not None else (list(sigmas), None)
+        self.sigmas, self.path = check_sigmas(levels, where), path
         if name:
             from diffusion_irl.sampling.correction import load_correction
 
@@ -266,8 +266,13 @@ class SigmaSchedule(Schedule):
 
 def read_sigmas(path: str) -> list[float]:
     """Noise levels from a text file (one per line, ``#`` comments), a JSON list or a JSON object's ``sigmas``."""
+    return read_schedule_file(path)[0]
+
+
+def read_schedule_file(path: str) -> tuple[list[float], str | None]:
+    """``(levels, correction)``: :func:`read_sigmas`'s levels, and the ``correction`` file a JSON object names
+    (None for any other file), from one read of the file."""
     import json
-    from pathlib import Path
 
     file = Path(path)
     if not file.is_file():
@@ -276,19 +281,12 @@ def read_sigmas(path: str) -> list[float]:
     try:
         if text.startswith(("[", "{")):
             data = json.loads(text)
-            return [float(s) for s in (data["sigmas"] if isinstance(data, dict) else data)]
-        return [float(line.split("#")[0]) for line in text.splitlines() if line.split("#")[0].strip()]
+            if isinstance(data, dict):
+                return [float(s) for s in data["sigmas"]], data.get("correction") or None
+            return [float(s) for s in data], None
+        return [float(line.split("#")[0]) for line in text.splitlines() if line.split("#")[0].strip()], None
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"schedule.path={path}: not a list of noise levels ({exc})") from None
-
-
-def read_correction_name(path: str) -> str | None:
-    """The ``correction`` file a JSON schedule names (None for any other file)."""
-    import json
-
-    text = Path(path).read_text().strip()
-    data = json.loads(text) if text.startswith("{") else {}
-    return data.get("correction") or None
 
 
 def write_sigmas(sigmas: Tensor, path, extra: dict | None = None) -> None:

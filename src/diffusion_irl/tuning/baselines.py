@@ -76,9 +76,8 @@ def tune_rows(tuners: Mapping[str, Tuner], solvers: Mapping[str, Sampler], nfes:
     rows = []
     for nfe, solver, name in tqdm(plan, desc="tune", disable=not progress or not plan, dynamic_ncols=True):
         result = tuners[name].tune(solvers[solver], denoiser, datamodule, nfe, seed, device)
-        sampler = with_schedule(solvers[solver], SigmaSchedule(sigmas=[float(s) for s in result.sigmas]))
-        if result.correction is not None:
-            sampler = with_correction(sampler, result.correction)
+        schedule = SigmaSchedule(sigmas=[float(s) for s in result.sigmas])
+        sampler = with_correction(with_schedule(solvers[solver], schedule), result.correction)  # None: D alone
         rows.append(TunedRow(row_name(solver, name), solver, name, int(nfe), sampler, result))
         report(f"{name} for {solver} at {nfe} NFE: sigmas [{', '.join(f'{float(s):.4g}' for s in result.sigmas)}], "
                f"{result.cost_nfe:.3g} denoiser evaluations, {result.wall_seconds:.1f} s")
