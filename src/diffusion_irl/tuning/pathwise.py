@@ -40,6 +40,8 @@ import logging
 import math
 from collections.abc import Sequence
 
+import numpy as np
+import ot
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +59,7 @@ from diffusion_irl.tuning.tuners import Tuner, positive_int, sigma_range, with_s
 
 log = logging.getLogger(__name__)
 
+LOSSES = ("adversarial", "ot")
 PARAMETRIZATIONS = ("free", "karras")
 OPTIMIZERS = ("adam", "sgd")
 SELECT_REFERENCES = ("shared", "disjoint")
@@ -129,6 +132,28 @@ def generator_loss(disc: nn.Module, x: Tensor, sigma: Tensor, reward: Reward, la
     return -reward(disc(x, sigma) if labels is None else disc(x, sigma, labels)).mean()
 
 
+def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mass: float = 1.0) -> Tensor:
+    """The squared 2-Wasserstein distance between two equal batches, per coordinate: ``sum_ij P_ij ||x_i - y_j||^2 /
+    dim`` with ``P`` the exact optimal plan (``ot.emd``, uniform weights) of the detached costs, so the gradient in
+    ``fake`` moves each sample toward the real point it is matched with (the plan's own gradient is zero almost
+    everywhere). With ``labels`` (one class per row of both batches, the same counts per class), a sample is matched
+    only with real points of its own class."""
+    if fake.shape != real.shape:
+        raise ValueError(f"transport_loss needs batches of one shape, got {list(fake.shape)} and {list(real.shape)}")
+    x, y = fake.flatten(1).double(), real.flatten(1).to(fake.device).double()
+    cost = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.T).clamp_min(0)
+    plan_cost = cost.detach()
+    if labels is not None:
+        labels = labels.to(fake.device)
+        plan_cost = plan_cost + (labels[:, None] != labels[None, :]) * (plan_cost.max() + 1) * len(x)
+    weights, costs = np.full(len(x), 1.0 / len(x)), plan_cost.cpu().numpy()
+    if mass < 1:
+        plan = ot.partial.partial_wasserstein(weights, weights, costs, m=mass, numItermax=1_000_000)
+    else:
+        plan = ot.emd(weights, weights, costs, numItermax=1_000_000)
+    return (torch.as_tensor(plan, device=cost.device) * cost).sum() / (mass * x.shape[1])
+
+
 class PathwiseTuner(Tuner):
     """The schedule learned by the pathwise gradient of an f-divergence reward (see the module doc).
 
@@ -137,6 +162,10 @@ class PathwiseTuner(Tuner):
             ``auto``: the MLP of ``conf/discriminator/mlp.yaml`` for vectors, the CNN of ``cnn.yaml`` for images, or
             ``features`` (images): an MLP on the frozen features of the data set's classifier, the network the
             evaluator's Fréchet distance is computed in (``discriminator.networks.FeatureDiscriminator``).
+        loss: ``adversarial``: the reward ``r = -f'(u)`` of the discriminator's logit (the f-divergence of
+            ``divergence``). ``ot``: no discriminator; the batch's squared 2-Wasserstein distance to as many fresh
+            training points (:func:`transport_loss`, the exact plan of the minibatch), whose gradient moves each
+            sample toward the training point it is matched with (the ``disc_*`` and reward keys are unused).
         conditional: a label-conditional discriminator for a class-conditional denoiser: each sample is compared
             with training points of its own class (``seed mod num_classes``, the class it was sampled for), so the
             reward is the per-class log-ratio; false: one discriminator for the label-marginal.
@@ -179,7 +208,7 @@ class PathwiseTuner(Tuner):
 
     name = "pathwise"
 
-    def __init__(self, discriminator: nn.Module | str = "auto", divergence: str = "js", logit_clip: float | None = None,
+    def __init__(self, discriminator: nn.Module | str = "auto", loss: str = "adversarial", divergence: str = "js", logit_clip: float | None = None,
                  lam: float = 1.0, temperature: float = 0.0, conditional: bool = False, parametrization: str = "free",
                  init: str = "sampler",
                  init_sigma_max: float = 80.0, init_sigma_min: float = 0.05, init_rho: float = 7.0,
@@ -191,13 +220,19 @@ class PathwiseTuner(Tuner):
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
-                 disc_holdout: bool = False,
+                 disc_holdout: bool = False, ot_mass: float = 1.0,
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
                              f"got {discriminator!r}")
         if not isinstance(conditional, bool):
             raise ValueError(f"tuner.conditional must be true or false, got {conditional!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"tuner.loss must be one of {LOSSES}, got {loss!r}")
+        self.loss = loss
+        if not (math.isfinite(ot_mass) and 0 < ot_mass <= 1):
+            raise ValueError(f"tuner.ot_mass must be in (0, 1], got {ot_mass}")
+        self.ot_mass = float(ot_mass)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"tuner.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.discriminator, self.conditional, self.optimizer = discriminator, conditional, optimizer
@@ -266,7 +301,7 @@ class PathwiseTuner(Tuner):
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
-        return {"divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
+        return {"loss": self.loss, **({"ot_mass": self.ot_mass} if self.loss == "ot" else {}), "divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
                 "discriminator": self.discriminator if isinstance(self.discriminator, str) else
                 type(self.discriminator).__name__, "conditional": self.conditional,
                 "parametrization": self.parametrization, "init": self.init, "iterations": self.iterations,
@@ -589,22 +624,31 @@ class _Run:
 
     def train(self, iterations: int) -> None:
         tuner = self.tuner
-        if not self.warmed and tuner.disc_warmup > 0:
+        adversarial = tuner.loss == "adversarial"
+        if adversarial and not self.warmed and tuner.disc_warmup > 0:
             fake, labels = self.samples(-1, grad=False)
             for _ in range(tuner.disc_warmup):
                 self.disc_step(fake, labels)
         self.warmed = True
+        nan = torch.tensor(float("nan"))
         for _ in range(iterations):
             it = self.iteration
             x, labels = self.samples(it, grad=True)
-            for _ in range(tuner.disc_steps):
-                diag = self.disc_step(x.detach(), labels)
-            for p in self.disc_params:
-                p.requires_grad_(False)
-            sigma = self.draw_sigma(len(x))
-            loss = generator_loss(self.disc, forward_noise(x, sigma, self.gen), sigma, tuner.reward, labels)
-            for p in self.disc_params:
-                p.requires_grad_(True)
+            if adversarial:
+                for _ in range(tuner.disc_steps):
+                    diag = self.disc_step(x.detach(), labels)
+                for p in self.disc_params:
+                    p.requires_grad_(False)
+                sigma = self.draw_sigma(len(x))
+                loss = generator_loss(self.disc, forward_noise(x, sigma, self.gen), sigma, tuner.reward, labels)
+                for p in self.disc_params:
+                    p.requires_grad_(True)
+            else:  # ot: the batch against as many fresh training points (of the same classes), no discriminator
+                zero = torch.zeros(len(x), device=x.device)
+                real = paired_batch(self.train_data, x.detach(), zero, zero, self.gen,
+                                    *((self.train_labels, labels) if labels is not None else ())).real
+                loss = transport_loss(x, real, labels, tuner.ot_mass).to(x.dtype)
+                diag = {"disc/acc": nan, "disc/logit_fake": nan, "disc/logit_real": nan}
             self.opt.zero_grad()
             if self.corr_opt is not None:
                 self.corr_opt.zero_grad()
