@@ -467,7 +467,8 @@ def test_tuner_configs(name, tmp_path):
         assert len(tuner.points()) == 125
 
 
-@pytest.mark.parametrize("name", cover("baselines.yaml", "tuners/all.yaml", "tuners/divergences.yaml"))
+@pytest.mark.parametrize("name", cover("baselines.yaml", "tuners/all.yaml", "tuners/divergences.yaml",
+                                       "tuners/correction.yaml"))
 def test_baselines_and_tuners_configs(name, tmp_path):
     """baselines.yaml composes the shared tuner list (tuners/all.yaml); train.yaml's comparison names it too."""
     from diffusion_irl.tuning.tuners import Tuner
@@ -484,6 +485,10 @@ def test_baselines_and_tuners_configs(name, tmp_path):
     assert [v.reward.divergence for k, v in variants.items() if k.startswith("pw_")] == [
         "reverse_kl", "kl", "chi2", "pr", "pr"]
     assert variants["pw_pr0_25"].reward.lam == 0.25 and variants["pathwise"].reward.divergence == "js"
+    correction = compose_config("baselines", ["tuners=correction"], output_dir=tmp_path)
+    assert list(correction.baselines.tuners) == ["grid", "gits", "ld3", "pathwise", "pw_adv", "pw_ot"]
+    adv, ot = (build(correction, f"tuners.{name}") for name in ("pw_adv", "pw_ot"))
+    assert adv.correction and adv.loss == "adversarial" and ot.correction and ot.loss == "ot" and ot.ot_mass == 0.9
     train = compose_config("train", output_dir=tmp_path)
     assert list(train.compare.tuners) == ["grid", "gits", "ld3", "pathwise"]
     assert sorted(train.tuners) == ["gits", "grid", "ld3", "pathwise"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from diffusion_irl.data.datamodules import ToyDataModule
 from diffusion_irl.data.toy2d import gmm8
@@ -17,6 +16,8 @@ from diffusion_irl.sampling.schedules import SigmaSchedule
 from diffusion_irl.tuning.grid import selection_scorer
 from diffusion_irl.tuning.pathwise import PathwiseTuner, transport_loss
 from diffusion_irl.tuning.tuners import with_schedule
+
+from .test_correction import Shrunk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,17 +83,6 @@ def test_partial_transport_drops_the_costliest_mass():
 def test_bad_transport_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PathwiseTuner(**kwargs)
-
-
-class Shrunk(nn.Module):
-    """The exact gmm8 denoiser times 0.8: its samples collapse toward the origin at any NFE."""
-
-    def __init__(self, D):
-        super().__init__()
-        self.D = D
-
-    def forward(self, x, sigma, *args, **kwargs):
-        return 0.8 * self.D(x, sigma)
 
 
 @pytest.mark.parametrize("mass", [1.0, 0.9])

@@ -12,6 +12,14 @@ optimum ``log q - log p_theta``, this is exactly ``-grad_theta D_f(p_theta || q)
 ``rl/rewards.py`` (the identity ``d/dtheta D_f = d/dtheta E[f'(u_frozen(x_theta))]``; tests check it on Gaussians
 with the exact ratio), so it is a low-variance alternative to the policy gradient of PPO for continuous knobs.
 
+**A loss without a discriminator** (``loss=ot``): the batch's squared 2-Wasserstein distance to as many fresh
+training points, ``sum_ij P_ij ||x_i - y_j||^2`` with ``P`` the exact optimal plan of the minibatch
+(:func:`transport_loss`); its gradient pulls each sample toward the training point it is matched with. A batch of a
+multi-modal law carries part of its mass across modes only because its mode counts differ from the real batch's
+(measured on gmm8, 512 points: 7% of the mass, and the plan's cost between two independent real batches is 0.26
+per coordinate); ``ot_mass < 1`` transports only that fraction of the mass (``ot.partial``), which leaves the
+costliest pairs out (the floor drops to 0.007 at 0.9).
+
 **What is learned** (``parametrization``):
 
 - ``free``: ``log s_0`` (the first noise level: the initial noise is ``s_0 eps``, so the first level is a knob) and
@@ -168,7 +176,8 @@ class PathwiseTuner(Tuner):
             sample toward the training point it is matched with (the ``disc_*`` and reward keys are unused).
         conditional: a label-conditional discriminator for a class-conditional denoiser: each sample is compared
             with training points of its own class (``seed mod num_classes``, the class it was sampled for), so the
-            reward is the per-class log-ratio; false: one discriminator for the label-marginal.
+            reward is the per-class log-ratio (``loss=ot``: each sample is matched only with training points of its
+            class); false: one discriminator for the label-marginal.
         divergence, logit_clip: the reward ``r = -f'(u)`` (``rl.rewards.Reward``); lam / temperature for ``pr``.
         parametrization: ``free`` or ``karras``. init: ``sampler``, ``karras`` or a schedule file (``free`` only).
         init_sigma_max, init_sigma_min, init_rho: the Karras start. sigma_low, sigma_high: bounds of ``s_0``.
@@ -674,8 +683,9 @@ class _Run:
                 self.history[f"grad_{i}"].append(g)
             self.iteration += 1
             if self.iteration % max(1, tuner.iterations // 10) == 0:
-                log.info("pathwise %s: iteration %d/%d, loss %.4f, disc acc %.3f, first level %.3g", self.sampler.name,
-                         self.iteration, tuner.iterations, self.history["loss"][-1], self.history["disc_acc"][-1],
+                disc = f", disc acc {self.history['disc_acc'][-1]:.3f}" if adversarial else ""
+                log.info("pathwise %s: iteration %d/%d, %s loss %.4f%s, first level %.3g", self.sampler.name,
+                         self.iteration, tuner.iterations, tuner.loss, self.history["loss"][-1], disc,
                          self.history["sigma_max"][-1])
 
     def grad_snr(self) -> list[float]:
