@@ -217,7 +217,8 @@ class PathwiseTuner(Tuner):
 
     name = "pathwise"
 
-    def __init__(self, discriminator: nn.Module | str = "auto", loss: str = "adversarial", divergence: str = "js", logit_clip: float | None = None,
+    def __init__(self, discriminator: nn.Module | str = "auto", loss: str = "adversarial", divergence: str = "js",
+                 logit_clip: float | None = None,
                  lam: float = 1.0, temperature: float = 0.0, conditional: bool = False, parametrization: str = "free",
                  init: str = "sampler",
                  init_sigma_max: float = 80.0, init_sigma_min: float = 0.05, init_rho: float = 7.0,
@@ -310,7 +311,8 @@ class PathwiseTuner(Tuner):
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
-        return {"loss": self.loss, **({"ot_mass": self.ot_mass} if self.loss == "ot" else {}), "divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
+        return {"loss": self.loss, **({"ot_mass": self.ot_mass} if self.loss == "ot" else {}),
+                "divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
                 "discriminator": self.discriminator if isinstance(self.discriminator, str) else
                 type(self.discriminator).__name__, "conditional": self.conditional,
                 "parametrization": self.parametrization, "init": self.init, "iterations": self.iterations,
