@@ -463,11 +463,14 @@ class PathwiseTuner(Tuner):
                 raise ValueError(f"tuner.conditional=true: the denoiser has {num_classes} classes, data="
                                  f"{datamodule.name} has {getattr(datamodule, 'num_classes', 0)}")
             train_labels = datamodule.train_labels(stop)[skip:].long()
-        features = self.feature_network(datamodule, train) if self.discriminator == "features" else None
+        adversarial = self.loss == "adversarial"  # loss=ot trains no discriminator: none is built
+        features = (self.feature_network(datamodule, train) if adversarial and self.discriminator == "features"
+                    else None)
         gen = seeding.generator("tune", "pathwise", seed)
         firsts = self.starts or [None]
         runs = [_Run(self, sampler, D, train, shape, self.levels(sampler, steps, first),
-                     self.seeded_network(datamodule, seed, i, num_classes, features), gen, seed, device,
+                     self.seeded_network(datamodule, seed, i, num_classes, features) if adversarial else None,
+                     gen, seed, device,
                      train_labels, num_classes, self.seeded_correction(shape, seed, i))
                 for i, first in enumerate(firsts)]
         nets: dict[int, nn.Module | None] = {}  # id(schedule) -> the correction it goes with (a frozen copy)
@@ -576,18 +579,20 @@ class _Run:
     """One start of :class:`PathwiseTuner`: its schedule, discriminator, optimisers and history."""
 
     def __init__(self, tuner: PathwiseTuner, sampler, D, train: Tensor, shape: tuple, levels: nn.Module,
-                 disc: nn.Module, gen: torch.Generator, seed: int, device, train_labels: Tensor | None = None,
+                 disc: nn.Module | None, gen: torch.Generator, seed: int, device, train_labels: Tensor | None = None,
                  num_classes: int = 0, correction: Correction | None = None):
         self.tuner, self.sampler, self.D, self.train_data, self.shape = tuner, sampler, D, train, shape
-        self.levels, self.disc, self.gen, self.seed, self.device = levels.to(device), disc.to(device), gen, seed, device
+        self.levels, self.gen, self.seed, self.device = levels.to(device), gen, seed, device
+        self.disc = disc.to(device) if disc is not None else None  # None: loss=ot
         self.train_labels, self.num_classes = train_labels, num_classes
         if tuner.optimizer == "sgd":
             self.opt = torch.optim.SGD(self.levels.parameters(), lr=tuner.lr, momentum=0.9)
         else:
             self.opt = torch.optim.Adam(self.levels.parameters(), lr=tuner.lr)
         # the discriminator's trainable parameters (a feature discriminator's feature network stays frozen)
-        self.disc_params = [p for p in self.disc.parameters() if p.requires_grad]
-        self.disc_opt = torch.optim.Adam(self.disc_params, lr=tuner.disc_lr, betas=(0.5, 0.999))
+        self.disc_params = [p for p in self.disc.parameters() if p.requires_grad] if disc is not None else []
+        self.disc_opt = (torch.optim.Adam(self.disc_params, lr=tuner.disc_lr, betas=(0.5, 0.999))
+                         if disc is not None else None)
         self.correction = correction.to(device) if correction is not None else None
         self.corr_opt = (torch.optim.Adam(self.correction.parameters(), lr=tuner.correction_lr)
                          if correction is not None else None)
