@@ -14,7 +14,7 @@ from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.samplers import Euler
 from diffusion_irl.sampling.schedules import SigmaSchedule
 from diffusion_irl.tuning.grid import selection_scorer
-from diffusion_irl.tuning.pathwise import PathwiseTuner, transport_loss
+from diffusion_irl.tuning.pathwise import PathwiseTuner, _Run, transport_loss
 from diffusion_irl.tuning.tuners import with_schedule
 
 from .test_correction import Shrunk
@@ -103,3 +103,29 @@ def test_transport_tuning_with_a_correction_undoes_a_systematic_error(mass):
     # measured: base 0.64; tuned with its correction 0.030 (mass 1) and 0.027 (mass 0.9) after 40 iterations, where
     # the adversarial loss reached 0.14 after 60 (tests/test_correction.py)
     assert after < 0.5 * base
+
+
+def test_a_checkpoint_takes_the_moving_average_of_the_correction():
+    """``correction_ema=d``: after each step the average is ``d avg + (1 - d) w`` (the first step's weights to begin
+    with), and a checkpoint samples with it; ``correction_ema=0`` takes the current weights."""
+    dm = ToyDataModule(gmm8(), n_train=500, n_heldout=100)
+    dm.setup()
+    D, train = Shrunk(AnalyticDenoiser(dm.law)), dm.train_samples()
+    for decay in (0.0, 0.6):
+        tuner = PathwiseTuner(loss="ot", batch=32, starts=None, correction=True, correction_hidden=8,
+                              correction_lr=1e-2, correction_ema=decay)
+        assert tuner.settings()["correction_ema"] == decay
+        run = _Run(tuner, Euler(), D, train, (2,), tuner.levels(Euler(), 4), None, torch.Generator().manual_seed(0),
+                   0, "cpu", correction=tuner.seeded_correction((2,), 0, 0))
+        assert run.averaged_correction() is run.correction  # nothing to average yet
+        expected = None
+        for _ in range(4):
+            run.train(1)
+            weights = [p.detach().clone() for p in run.correction.parameters()]
+            expected = weights if expected is None else [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+        got = list(run.averaged_correction().parameters())
+        assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, expected))
+        moved = [not torch.allclose(g, w) for g, w in zip(got, weights)]
+        assert any(moved) == (decay > 0)  # the average lags the current weights
+    with pytest.raises(ValueError, match="tuner.correction_ema"):
+        PathwiseTuner(correction_ema=1.0)

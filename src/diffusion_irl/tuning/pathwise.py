@@ -53,6 +53,7 @@ import ot
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from diffusion_irl import seeding
 from diffusion_irl.discriminator.module import discriminator_loss, forward_noise, paired_batch
@@ -212,7 +213,8 @@ class PathwiseTuner(Tuner):
         correction: true (vectors): a correction ``g(x, sigma)`` of the denoiser (``sampling/correction.py``,
             zero at the start) is trained with the schedule by the same gradient; the tuned row samples with
             ``D + g`` at the same NFE. ``correction_hidden``, ``correction_depth``: its MLP; ``correction_lr``: its
-            Adam step.
+            Adam step. ``correction_ema``: 0, a checkpoint takes the correction's current weights; in (0, 1), an
+            exponential moving average of them with this decay (the schedule is averaged too: ``average``).
     """
 
     name = "pathwise"
@@ -230,7 +232,7 @@ class PathwiseTuner(Tuner):
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
-                 disc_holdout: bool = False, ot_mass: float = 1.0,
+                 correction_ema: float = 0.0, disc_holdout: bool = False, ot_mass: float = 1.0,
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
@@ -308,6 +310,9 @@ class PathwiseTuner(Tuner):
         if not (math.isfinite(correction_lr) and correction_lr > 0):
             raise ValueError(f"tuner.correction_lr must be > 0, got {correction_lr}")
         self.correction_lr = float(correction_lr)
+        if not (isinstance(correction_ema, (int, float)) and 0 <= correction_ema < 1):
+            raise ValueError(f"tuner.correction_ema must be in [0, 1) (0: no average), got {correction_ema!r}")
+        self.correction_ema = float(correction_ema)
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
@@ -325,7 +330,8 @@ class PathwiseTuner(Tuner):
                 "select_reference": self.select_reference, "disc_holdout": self.disc_holdout,
                 "correction": self.correction,
                 **({"correction_hidden": self.correction_hidden, "correction_depth": self.correction_depth,
-                    "correction_lr": self.correction_lr} if self.correction else {})}
+                    "correction_lr": self.correction_lr, "correction_ema": self.correction_ema}
+                   if self.correction else {})}
 
     def check(self, sampler, nfe):
         steps = super().check(sampler, nfe)
@@ -478,7 +484,7 @@ class PathwiseTuner(Tuner):
         def result_of(run: _Run) -> Tensor:
             """The run's schedule now, its correction's state recorded beside it."""
             sigmas = run.result()
-            nets[id(sigmas)] = frozen_copy(run.correction) if run.correction is not None else None
+            nets[id(sigmas)] = frozen_copy(run.averaged_correction()) if run.correction is not None else None
             return sigmas
 
         noise_seeds = [seeding.derive_seed("tune", "pathwise", "select", seed)]
@@ -596,6 +602,8 @@ class _Run:
         self.correction = correction.to(device) if correction is not None else None
         self.corr_opt = (torch.optim.Adam(self.correction.parameters(), lr=tuner.correction_lr)
                          if correction is not None else None)
+        self.corr_avg = (AveragedModel(self.correction, multi_avg_fn=get_ema_multi_avg_fn(tuner.correction_ema))
+                         if correction is not None and tuner.correction_ema > 0 else None)
         self.choices = torch.tensor(tuner.disc_sigmas, dtype=torch.float32)
         with torch.no_grad():
             self.start = self.levels().detach().cpu()
@@ -678,6 +686,8 @@ class _Run:
             self.opt.step()
             if self.corr_opt is not None:
                 self.corr_opt.step()
+                if self.corr_avg is not None:
+                    self.corr_avg.update_parameters(self.correction)
                 self.history["correction_scale"].append(correction_scale(self.correction))
             self.levels.project()
             with torch.no_grad():
@@ -694,6 +704,13 @@ class _Run:
                 log.info("pathwise %s: iteration %d/%d, %s loss %.4f%s, first level %.3g", self.sampler.name,
                          self.iteration, tuner.iterations, tuner.loss, self.history["loss"][-1], disc,
                          self.history["sigma_max"][-1])
+
+    def averaged_correction(self) -> nn.Module | None:
+        """The correction a checkpoint takes: its moving average (``correction_ema`` > 0, once it has been updated),
+        else its current weights."""
+        if self.corr_avg is None or int(self.corr_avg.n_averaged) == 0:
+            return self.correction
+        return self.corr_avg.module
 
     def grad_snr(self) -> list[float]:
         """Per schedule parameter, ``|mean| / std`` of its gradient over the iterations run so far (NaN with fewer
