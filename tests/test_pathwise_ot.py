@@ -75,7 +75,28 @@ def test_partial_transport_drops_the_costliest_mass():
     assert loss < 0.5 * float(transport_loss(fake.detach(), real))
     assert loss < float(transport_loss(fake.detach()[10:], real[:90])) * 1.5
     with pytest.raises(ValueError, match="one shape"):
-        transport_loss(fake[:5], real)
+        transport_loss(fake[:, :1], real)
+    with pytest.raises(ValueError, match="real_labels"):
+        transport_loss(fake[:5], real, labels=torch.zeros(5, dtype=torch.long))
+
+
+def test_more_real_points_pull_each_sample_toward_the_barycentre_of_its_matches():
+    """``m = k n`` real points: the plan gives each fake point mass ``1/n`` split over real points of mass ``1/m``, so
+    its gradient is ``2 (x_i - mean of its matches) / (n d)``; with the real batch ``k`` copies of the fake batch
+    shifted by ``+-1`` the loss is exactly 1 per coordinate and every gradient is zero (both shifts pull equally).
+    Labels given for the reals keep the matching within classes."""
+    x = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    shifts = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    real = (x.detach()[None] + shifts[:, None]).reshape(-1, 2)
+    loss = transport_loss(x, real)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.5) and x.grad.abs().max() < 1e-12  # 1 per point / 2 coordinates
+    x.grad = None
+    transport_loss(x, real[:2]).backward()  # n = m = 2, one shift each: a nonzero pull
+    assert x.grad.abs().max() > 0.1
+    labels, real_labels = torch.tensor([1, 0]), torch.tensor([0, 1] * 4)  # each fake belongs to the far point's class
+    far = transport_loss(x.detach(), real, labels, real_labels=real_labels)
+    assert float(far) == pytest.approx((100 + 1) / 2, rel=1e-9)  # mean squared distance 101 to the other point's four
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(loss="wgan"), "tuner.loss"), (dict(ot_mass=0.0), "tuner.ot_mass"),

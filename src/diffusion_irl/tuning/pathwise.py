@@ -141,25 +141,31 @@ def generator_loss(disc: nn.Module, x: Tensor, sigma: Tensor, reward: Reward, la
     return -reward(disc(x, sigma) if labels is None else disc(x, sigma, labels)).mean()
 
 
-def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mass: float = 1.0) -> Tensor:
-    """The squared 2-Wasserstein distance between two equal batches, per coordinate: ``sum_ij P_ij ||x_i - y_j||^2 /
-    dim`` with ``P`` the exact optimal plan (``ot.emd``, uniform weights) of the detached costs, so the gradient in
-    ``fake`` moves each sample toward the real point it is matched with (the plan's own gradient is zero almost
-    everywhere). With ``labels`` (one class per row of both batches, the same counts per class), a sample is matched
-    only with real points of its own class."""
-    if fake.shape != real.shape:
+def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mass: float = 1.0,
+                   real_labels: Tensor | None = None) -> Tensor:
+    """The squared 2-Wasserstein distance between two batches, per coordinate: ``sum_ij P_ij ||x_i - y_j||^2 / dim``
+    with ``P`` the exact optimal plan (``ot.emd``, uniform weights ``1/n`` on the ``n`` fake and ``1/m`` on the ``m``
+    real points) of the detached costs, so the gradient in ``fake`` moves each sample toward the real points it is
+    matched with (their barycentre when ``m > n``; the plan's own gradient is zero almost everywhere). With ``labels``
+    (the fake rows' classes) and ``real_labels`` (the real rows'; default ``labels``, for batches of one length), a
+    sample is matched only with real points of its own class."""
+    if fake.shape[1:] != real.shape[1:] or not len(fake) or not len(real):
         raise ValueError(f"transport_loss needs batches of one shape, got {list(fake.shape)} and {list(real.shape)}")
+    if labels is not None and real_labels is None:
+        if len(real) != len(fake):
+            raise ValueError("transport_loss: batches of different lengths need real_labels beside labels")
+        real_labels = labels
     x, y = fake.flatten(1).double(), real.flatten(1).to(fake.device).double()
     cost = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.T).clamp_min(0)
     plan_cost = cost.detach()
     if labels is not None:
-        labels = labels.to(fake.device)
-        plan_cost = plan_cost + (labels[:, None] != labels[None, :]) * (plan_cost.max() + 1) * len(x)
-    weights, costs = np.full(len(x), 1.0 / len(x)), plan_cost.cpu().numpy()
+        labels, real_labels = labels.to(fake.device), real_labels.to(fake.device)
+        plan_cost = plan_cost + (labels[:, None] != real_labels[None, :]) * (plan_cost.max() + 1) * max(len(x), len(y))
+    a, b, costs = np.full(len(x), 1.0 / len(x)), np.full(len(y), 1.0 / len(y)), plan_cost.cpu().numpy()
     if mass < 1:
-        plan = ot.partial.partial_wasserstein(weights, weights, costs, m=mass, numItermax=1_000_000)
+        plan = ot.partial.partial_wasserstein(a, b, costs, m=mass, numItermax=1_000_000)
     else:
-        plan = ot.emd(weights, weights, costs, numItermax=1_000_000)
+        plan = ot.emd(a, b, costs, numItermax=1_000_000)
     return (torch.as_tensor(plan, device=cost.device) * cost).sum() / (mass * x.shape[1])
 
 
@@ -175,6 +181,9 @@ class PathwiseTuner(Tuner):
             ``divergence``). ``ot``: no discriminator; the batch's squared 2-Wasserstein distance to as many fresh
             training points (:func:`transport_loss`, the exact plan of the minibatch), whose gradient moves each
             sample toward the training point it is matched with (the ``disc_*`` and reward keys are unused).
+            ``ot_mass``: the fraction of the mass transported (``< 1``: the partial plan). ``ot_reals``: training
+            points per sample in the real batch (``> 1``: each sample is pulled toward the barycentre of the several
+            points it is matched with, a lower-variance target that costs no denoiser evaluation).
         conditional: a label-conditional discriminator for a class-conditional denoiser: each sample is compared
             with training points of its own class (``seed mod num_classes``, the class it was sampled for), so the
             reward is the per-class log-ratio (``loss=ot``: each sample is matched only with training points of its
@@ -232,7 +241,7 @@ class PathwiseTuner(Tuner):
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
-                 correction_ema: float = 0.0, disc_holdout: bool = False, ot_mass: float = 1.0,
+                 correction_ema: float = 0.0, disc_holdout: bool = False, ot_mass: float = 1.0, ot_reals: int = 1,
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
@@ -245,6 +254,7 @@ class PathwiseTuner(Tuner):
         if not (math.isfinite(ot_mass) and 0 < ot_mass <= 1):
             raise ValueError(f"tuner.ot_mass must be in (0, 1], got {ot_mass}")
         self.ot_mass = float(ot_mass)
+        self.ot_reals = positive_int(ot_reals, "tuner.ot_reals")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"tuner.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.discriminator, self.conditional, self.optimizer = discriminator, conditional, optimizer
@@ -316,7 +326,8 @@ class PathwiseTuner(Tuner):
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
-        return {"loss": self.loss, **({"ot_mass": self.ot_mass} if self.loss == "ot" else {}),
+        ot_keys = {"ot_mass": self.ot_mass, "ot_reals": self.ot_reals} if self.loss == "ot" else {}
+        return {"loss": self.loss, **ot_keys,
                 "divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
                 "discriminator": self.discriminator if isinstance(self.discriminator, str) else
                 type(self.discriminator).__name__, "conditional": self.conditional,
@@ -668,10 +679,12 @@ class _Run:
                 for p in self.disc_params:
                     p.requires_grad_(True)
             else:  # ot: the batch against as many fresh training points (of the same classes), no discriminator
-                zero = torch.zeros(len(x), device=x.device)
-                real = paired_batch(self.train_data, x.detach(), zero, zero, self.gen,
-                                    *((self.train_labels, labels) if labels is not None else ())).real
-                loss = transport_loss(x, real, labels, tuner.ot_mass).to(x.dtype)
+                k = tuner.ot_reals  # ot_reals training points per sample (free: no denoiser evaluations)
+                zero = torch.zeros(k * len(x), device=x.device)
+                real_labels = labels.repeat(k) if labels is not None else None
+                real = paired_batch(self.train_data, x.detach().repeat(k, *[1] * (x.dim() - 1)), zero, zero, self.gen,
+                                    *((self.train_labels, real_labels) if labels is not None else ())).real
+                loss = transport_loss(x, real, labels, tuner.ot_mass, real_labels).to(x.dtype)
                 diag = {"disc/acc": nan, "disc/logit_fake": nan, "disc/logit_real": nan}
             self.opt.zero_grad()
             if self.corr_opt is not None:
