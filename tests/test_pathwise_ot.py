@@ -74,6 +74,17 @@ def test_partial_transport_drops_the_costliest_mass():
     loss = float(loss.detach())
     assert loss < 0.5 * float(transport_loss(fake.detach(), real))
     assert loss < float(transport_loss(fake.detach()[10:], real[:90])) * 1.5
+    # partial="real": every sample is moved in full (the outliers too), only real mass is left over
+    fake.grad = None
+    transport_loss(fake, real, mass=0.9, partial="real").backward()
+    assert (fake.grad[:10].norm(dim=1) > 0.1).all()  # the outliers are pulled back (zero with partial="both")
+    x = torch.tensor([[0.0], [0.1], [0.2], [5.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[0.0], [0.1], [0.2], [0.3], [5.1]], dtype=torch.float64)
+    full = transport_loss(x, y[[0, 1, 2, 4]], mass=1.0)
+    roomy = transport_loss(x, y, mass=0.8, partial="real")  # 5 reals, room for 1.25 x 1/5 = 1/4 each: one per sample
+    assert float(roomy.detach()) == pytest.approx(float(full.detach()), rel=1e-9)
+    with pytest.raises(ValueError, match="partial"):
+        transport_loss(x, y, mass=0.8, partial="fake")
     with pytest.raises(ValueError, match="one shape"):
         transport_loss(fake[:, :1], real)
     with pytest.raises(ValueError, match="real_labels"):
@@ -100,7 +111,9 @@ def test_more_real_points_pull_each_sample_toward_the_barycentre_of_its_matches(
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(loss="wgan"), "tuner.loss"), (dict(ot_mass=0.0), "tuner.ot_mass"),
-                                             (dict(ot_mass=1.5), "tuner.ot_mass")])
+                                             (dict(ot_mass=1.5), "tuner.ot_mass"),
+                                             (dict(ot_partial="fake"), "tuner.ot_partial"),
+                                             (dict(ot_reals=0), "tuner.ot_reals")])
 def test_bad_transport_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PathwiseTuner(**kwargs)

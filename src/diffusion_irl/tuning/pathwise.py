@@ -72,6 +72,7 @@ LOSSES = ("adversarial", "ot")
 PARAMETRIZATIONS = ("free", "karras")
 OPTIMIZERS = ("adam", "sgd")
 SELECT_REFERENCES = ("shared", "disjoint")
+PARTIALS = ("both", "real")
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:
@@ -142,13 +143,18 @@ def generator_loss(disc: nn.Module, x: Tensor, sigma: Tensor, reward: Reward, la
 
 
 def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mass: float = 1.0,
-                   real_labels: Tensor | None = None) -> Tensor:
+                   real_labels: Tensor | None = None, partial: str = "both") -> Tensor:
     """The squared 2-Wasserstein distance between two batches, per coordinate: ``sum_ij P_ij ||x_i - y_j||^2 / dim``
     with ``P`` the exact optimal plan (``ot.emd``, uniform weights ``1/n`` on the ``n`` fake and ``1/m`` on the ``m``
     real points) of the detached costs, so the gradient in ``fake`` moves each sample toward the real points it is
     matched with (their barycentre when ``m > n``; the plan's own gradient is zero almost everywhere). With ``labels``
     (the fake rows' classes) and ``real_labels`` (the real rows'; default ``labels``, for batches of one length), a
-    sample is matched only with real points of its own class."""
+    sample is matched only with real points of its own class.
+
+    ``mass < 1``, ``partial="both"``: only that fraction of the mass is moved, so the costliest pairs of either batch
+    are left out. ``partial="real"``: every sample is moved in full and the real points have room for ``1 / mass``
+    times their share, so only real mass is left over (no sample goes without a pull; a sample's law can exceed the
+    data's density by at most ``1 / mass``)."""
     if fake.shape[1:] != real.shape[1:] or not len(fake) or not len(real):
         raise ValueError(f"transport_loss needs batches of one shape, got {list(fake.shape)} and {list(real.shape)}")
     if labels is not None and real_labels is None:
@@ -162,7 +168,11 @@ def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mas
         labels, real_labels = labels.to(fake.device), real_labels.to(fake.device)
         plan_cost = plan_cost + (labels[:, None] != real_labels[None, :]) * (plan_cost.max() + 1) * max(len(x), len(y))
     a, b, costs = np.full(len(x), 1.0 / len(x)), np.full(len(y), 1.0 / len(y)), plan_cost.cpu().numpy()
-    if mass < 1:
+    if partial not in PARTIALS:
+        raise ValueError(f"transport_loss: partial must be one of {PARTIALS}, got {partial!r}")
+    if mass < 1 and partial == "real":  # the samples' mass scaled to the transported total: all of it moves
+        plan = ot.partial.partial_wasserstein(a * mass, b, costs, m=mass, numItermax=1_000_000)
+    elif mass < 1:
         plan = ot.partial.partial_wasserstein(a, b, costs, m=mass, numItermax=1_000_000)
     else:
         plan = ot.emd(a, b, costs, numItermax=1_000_000)
@@ -181,7 +191,8 @@ class PathwiseTuner(Tuner):
             ``divergence``). ``ot``: no discriminator; the batch's squared 2-Wasserstein distance to as many fresh
             training points (:func:`transport_loss`, the exact plan of the minibatch), whose gradient moves each
             sample toward the training point it is matched with (the ``disc_*`` and reward keys are unused).
-            ``ot_mass``: the fraction of the mass transported (``< 1``: the partial plan). ``ot_reals``: training
+            ``ot_mass``: the fraction of the mass transported (``< 1``: the partial plan; ``ot_partial``: ``both``
+            batches may leave mass out, or only the ``real`` one, so every sample is pulled). ``ot_reals``: training
             points per sample in the real batch (``> 1``: each sample is pulled toward the barycentre of the several
             points it is matched with, a lower-variance target that costs no denoiser evaluation).
         conditional: a label-conditional discriminator for a class-conditional denoiser: each sample is compared
@@ -242,6 +253,7 @@ class PathwiseTuner(Tuner):
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
                  correction_ema: float = 0.0, disc_holdout: bool = False, ot_mass: float = 1.0, ot_reals: int = 1,
+                 ot_partial: str = "both",
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
@@ -254,6 +266,9 @@ class PathwiseTuner(Tuner):
         if not (math.isfinite(ot_mass) and 0 < ot_mass <= 1):
             raise ValueError(f"tuner.ot_mass must be in (0, 1], got {ot_mass}")
         self.ot_mass = float(ot_mass)
+        if ot_partial not in PARTIALS:
+            raise ValueError(f"tuner.ot_partial must be one of {PARTIALS}, got {ot_partial!r}")
+        self.ot_partial = ot_partial
         self.ot_reals = positive_int(ot_reals, "tuner.ot_reals")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"tuner.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -326,7 +341,8 @@ class PathwiseTuner(Tuner):
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
-        ot_keys = {"ot_mass": self.ot_mass, "ot_reals": self.ot_reals} if self.loss == "ot" else {}
+        ot_keys = ({"ot_mass": self.ot_mass, "ot_reals": self.ot_reals, "ot_partial": self.ot_partial}
+                   if self.loss == "ot" else {})
         return {"loss": self.loss, **ot_keys,
                 "divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
                 "discriminator": self.discriminator if isinstance(self.discriminator, str) else
@@ -684,7 +700,7 @@ class _Run:
                 real_labels = labels.repeat(k) if labels is not None else None
                 real = paired_batch(self.train_data, x.detach().repeat(k, *[1] * (x.dim() - 1)), zero, zero, self.gen,
                                     *((self.train_labels, real_labels) if labels is not None else ())).real
-                loss = transport_loss(x, real, labels, tuner.ot_mass, real_labels).to(x.dtype)
+                loss = transport_loss(x, real, labels, tuner.ot_mass, real_labels, tuner.ot_partial).to(x.dtype)
                 diag = {"disc/acc": nan, "disc/logit_fake": nan, "disc/logit_real": nan}
             self.opt.zero_grad()
             if self.corr_opt is not None:
