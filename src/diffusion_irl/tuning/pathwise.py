@@ -171,7 +171,8 @@ def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mas
     if partial not in PARTIALS:
         raise ValueError(f"transport_loss: partial must be one of {PARTIALS}, got {partial!r}")
     if mass < 1 and partial == "real":  # the samples' mass scaled to the transported total: all of it moves
-        plan = ot.partial.partial_wasserstein(a * mass, b, costs, m=mass, numItermax=1_000_000)
+        a = a * mass
+        plan = ot.partial.partial_wasserstein(a, b, costs, m=min(a.sum(), b.sum()), numItermax=1_000_000)  # rounding
     elif mass < 1:
         plan = ot.partial.partial_wasserstein(a, b, costs, m=mass, numItermax=1_000_000)
     else:
