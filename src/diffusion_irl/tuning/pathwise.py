@@ -155,6 +155,8 @@ def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mas
     are left out. ``partial="real"``: every sample is moved in full and the real points have room for ``1 / mass``
     times their share, so only real mass is left over (no sample goes without a pull; a sample's law can exceed the
     data's density by at most ``1 / mass``)."""
+    if partial not in PARTIALS:
+        raise ValueError(f"transport_loss: partial must be one of {PARTIALS}, got {partial!r}")
     if fake.shape[1:] != real.shape[1:] or not len(fake) or not len(real):
         raise ValueError(f"transport_loss needs batches of one shape, got {list(fake.shape)} and {list(real.shape)}")
     if labels is not None and real_labels is None:
@@ -168,8 +170,6 @@ def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mas
         labels, real_labels = labels.to(fake.device), real_labels.to(fake.device)
         plan_cost = plan_cost + (labels[:, None] != real_labels[None, :]) * (plan_cost.max() + 1) * max(len(x), len(y))
     a, b, costs = np.full(len(x), 1.0 / len(x)), np.full(len(y), 1.0 / len(y)), plan_cost.cpu().numpy()
-    if partial not in PARTIALS:
-        raise ValueError(f"transport_loss: partial must be one of {PARTIALS}, got {partial!r}")
     if mass < 1 and partial == "real":  # the samples' mass scaled to the transported total: all of it moves
         a = a * mass
         plan = ot.partial.partial_wasserstein(a, b, costs, m=min(a.sum(), b.sum()), numItermax=1_000_000)  # rounding
