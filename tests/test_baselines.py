@@ -119,6 +119,7 @@ def test_a_fixed_schedule_serves_its_own_step_count_only():
     (["baselines.nfe=[1]", "baselines.tuners=[gits]", "baselines.solvers=[restart]"],
      r"cannot meet an NFE budget of 1"),
     (["baselines.nfe=[0]"], r"baselines.nfe"),
+    (["baselines.mmd_points=1"], r"baselines.mmd_points"),
 ])
 def test_bad_baselines_config_fails_before_compute(override, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

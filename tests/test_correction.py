@@ -72,6 +72,32 @@ def test_a_correction_starts_at_zero_and_a_sampler_carries_it(datamodule):
         g(torch.randn(3, 4), 1.0)
 
 
+def test_a_correction_of_the_denoised_point_sees_the_denoisers_output(datamodule, tmp_path):
+    D = AnalyticDenoiser(datamodule.law)
+    g = Correction(2, hidden=16, depth=2, inputs="denoised")
+    x, sigma = torch.randn(5, 2), torch.full((5,), 1.5)
+    assert torch.equal(CorrectedDenoiser(D, g)(x, sigma), D(x, sigma))  # zero at the start too
+    _moved(g)
+    d = D(x, sigma)
+    assert torch.allclose(CorrectedDenoiser(D, g)(x, sigma) - d, g(x, sigma, d), atol=1e-5)
+    # the output depends on the denoised point: the same state with another D gives another correction
+    assert not torch.allclose(g(x, sigma, d), g(x, sigma, 0.5 * d))
+    with pytest.raises(ValueError, match="the denoised point is required"):
+        g(x, sigma)
+    with pytest.raises(ValueError, match="the denoised point is not an input"):
+        Correction(2, inputs="state")(x, sigma, d)
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        Correction(2, inputs="noise")
+    save_correction(g, tmp_path / "g.pt")
+    loaded = load_correction(tmp_path / "g.pt")
+    assert loaded.inputs == "denoised" and torch.equal(loaded(x, sigma, d), g(x, sigma, d))
+    tuner = PathwiseTuner(correction=True, correction_inputs="denoised")
+    assert tuner.seeded_correction((2,), 0, 0).inputs == "denoised"
+    assert tuner.settings()["correction_inputs"] == "denoised"
+    with pytest.raises(ValueError, match="tuner.correction_inputs must be one of"):
+        PathwiseTuner(correction_inputs="x")
+
+
 def test_a_correction_travels_with_its_schedule_file(datamodule, tmp_path):
     D = AnalyticDenoiser(datamodule.law)
     g = _moved(Correction(2, hidden=8, depth=1))

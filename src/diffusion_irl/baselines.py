@@ -47,7 +47,7 @@ def check_baselines_config(cfg: DictConfig) -> None:
     require_int_list(cfg, "baselines.nfe", min=1, max=100_000)
     if b.large_nfe is not None:
         require_int(cfg, "baselines.large_nfe", min=1, max=100_000)
-    for key in ("num_samples", "num_heldout"):
+    for key in ("num_samples", "num_heldout", "mmd_points"):
         require_int(cfg, f"baselines.{key}", min=2, max=HUGE)
     require_int_list(cfg, "baselines.seeds", min=0, max=2**63 - 1)
     require_int(cfg, "baselines.batch_size", min=1, max=HUGE)
@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
 
     tuned = tune_rows(tuners, solvers, nfes, denoiser, datamodule, cfg.seed, device, out,
                       skip_impossible=bool(b.skip_impossible), progress=bool(b.progress))
-    score = scorer_for(datamodule, b.num_heldout, b.feature_cache, b.inception_weights)
+    score = scorer_for(datamodule, b.num_heldout, b.feature_cache, b.inception_weights, mmd_points=b.mmd_points)
 
     def evaluator(samplers, budgets, reference=None):
         return Evaluator(samplers=samplers, nfe=budgets, num_samples=b.num_samples, seeds=list(b.seeds), score=score,

@@ -577,13 +577,16 @@ class SampleScorer:
 
     featurizer = None
 
-    def __init__(self, heldout: Tensor, law=None):
-        self.heldout, self.law, self.cache = heldout, law, {}
+    def __init__(self, heldout: Tensor, law=None, mmd_points: int = 4000):
+        if int(mmd_points) < 2:
+            raise ValueError(f"mmd_points must be >= 2, got {mmd_points}")
+        self.heldout, self.law, self.cache, self.mmd_points = heldout, law, {}, int(mmd_points)
 
     def from_features(self, x: Tensor, seed: int) -> dict[str, float]:
         from diffusion_irl.metrics.samples import sample_metrics
 
-        return sample_metrics(x, self.heldout, self.law, generator=seeding.generator("metrics", seed), cache=self.cache)
+        return sample_metrics(x, self.heldout, self.law, generator=seeding.generator("metrics", seed), cache=self.cache,
+                              mmd_points=self.mmd_points)
 
     def __call__(self, x: Tensor, seed: int) -> dict[str, float]:
         return self.from_features(x, seed)
@@ -714,8 +717,10 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
                inception_weights: str | None = None, classifier_epochs: int = 5, split: str = "heldout", *,
                fid_reference: str | Path | None = None, fid_split: str = "heldout", fid_only: bool = False,
                feature_network: Callable[[Tensor], Tensor] | None = None, device: str | torch.device | None = None,
-               feature_batch_size: int = 250, prdc_points: int = 2000, progress: bool = True, offset: int = 0):
-    """The metric function for a datamodule: 2D/vector data -> :class:`SampleScorer` against held-out data;
+               feature_batch_size: int = 250, prdc_points: int = 2000, progress: bool = True, offset: int = 0,
+               mmd_points: int = 4000):
+    """The metric function for a datamodule: 2D/vector data -> :class:`SampleScorer` against held-out data (MMD on at
+    most ``mmd_points`` rows of each set: its own noise falls about as ``1 / mmd_points``);
     images -> :class:`ImageScorer`: Fréchet distance and precision / recall in the features of a classifier trained
     on the training split (cached), plus FID and precision / recall in the FID network's features.
 
@@ -776,7 +781,7 @@ def scorer_for(datamodule, num_heldout: int | None = None, feature_cache: str | 
     n = available if num_heldout is None else min(int(num_heldout), available)
     heldout = pool(offset + n)[offset:]
     if not image_data:
-        return SampleScorer(heldout, datamodule.law)
+        return SampleScorer(heldout, datamodule.law, mmd_points)
 
     net = feature_classifier_for(datamodule, feature_cache, classifier_epochs, num_val=n)
     classifier = _ClassifierFeatures(net.eval())

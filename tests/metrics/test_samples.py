@@ -226,3 +226,21 @@ def test_sample_metrics_cache_gives_identical_results():
             cached = sample_metrics(x, held, law, generator=torch.Generator().manual_seed(seed), mmd_points=2000, cache=cache)
             assert cached == plain
     assert len(cache) == 2
+
+
+def test_a_sample_scorer_takes_its_mmd_points():
+    from diffusion_irl import seeding
+    from diffusion_irl.evaluation import SampleScorer
+
+    law = gmm8()
+    held = law.sample(3000, generator=torch.Generator().manual_seed(1))
+    x = law.sample(1500, generator=torch.Generator().manual_seed(2))
+    got = {}
+    for points in (500, 4000):
+        got[points] = SampleScorer(held, law, mmd_points=points)(x, 0)["mmd"]
+        assert got[points] == sample_metrics(x, held, law, generator=seeding.generator("metrics", 0),
+                                             mmd_points=points)["mmd"]
+    assert got[500] != got[4000]  # 4000: every sample against 3000 held-out points; 500: subsamples of both
+    assert SampleScorer(held, law)(x, 0)["mmd"] == got[4000]  # the default
+    with pytest.raises(ValueError, match="mmd_points must be >= 2"):
+        SampleScorer(held, law, mmd_points=1)

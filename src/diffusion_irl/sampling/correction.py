@@ -22,14 +22,21 @@ from torch import Tensor, nn
 class Correction(nn.Module):
     """``g(x, sigma)`` for vectors of ``dims`` coordinates: an MLP on ``(x / sqrt(sigma^2 + 1), log(sigma) / 4)``
     (EDM's input scaling, data of unit scale) with ``depth`` hidden layers of ``hidden`` units; its last layer is
-    zero, so ``g = 0`` at initialisation."""
+    zero, so ``g = 0`` at initialisation. ``inputs="denoised"``: the denoiser's own output ``D(x, sigma)`` is a third
+    input, ``g(x, sigma, D)`` (no extra evaluation: it is the value being corrected), so a correction that only
+    depends on where ``D`` points, e.g. a pull of a blurred denoised point toward the data, is a simple function of
+    the inputs."""
 
-    def __init__(self, dims: int, hidden: int = 64, depth: int = 2):
+    INPUTS = ("state", "denoised")
+
+    def __init__(self, dims: int, hidden: int = 64, depth: int = 2, inputs: str = "state"):
         super().__init__()
         if int(dims) < 1 or int(hidden) < 1 or int(depth) < 1:
             raise ValueError(f"a correction needs dims, hidden, depth >= 1, got {dims}, {hidden}, {depth}")
-        self.dims, self.hidden, self.depth = int(dims), int(hidden), int(depth)
-        layers, width = [], self.dims + 1
+        if inputs not in self.INPUTS:
+            raise ValueError(f"a correction's inputs must be one of {self.INPUTS}, got {inputs!r}")
+        self.dims, self.hidden, self.depth, self.inputs = int(dims), int(hidden), int(depth), inputs
+        layers, width = [], self.dims * (2 if inputs == "denoised" else 1) + 1
         for _ in range(self.depth):
             layers += [nn.Linear(width, self.hidden), nn.SiLU()]
             width = self.hidden
@@ -38,11 +45,15 @@ class Correction(nn.Module):
         nn.init.zeros_(last.bias)
         self.net = nn.Sequential(*layers, last)
 
-    def forward(self, x: Tensor, sigma) -> Tensor:
+    def forward(self, x: Tensor, sigma, denoised: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dims:
             raise ValueError(f"this correction is for [B, {self.dims}] states, got {list(x.shape)}")
+        if (denoised is not None) != (self.inputs == "denoised"):
+            raise ValueError(f"this correction's inputs are {self.inputs!r}: the denoised point is "
+                             f"{'required' if self.inputs == 'denoised' else 'not an input'}")
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(len(x), 1)
-        h = torch.cat([x / torch.sqrt(sigma**2 + 1), torch.log(sigma) / 4], dim=1)
+        parts = [x / torch.sqrt(sigma**2 + 1)] + ([denoised] if denoised is not None else []) + [torch.log(sigma) / 4]
+        h = torch.cat(parts, dim=1)
         return self.net(h.to(self.net[-1].weight.dtype)).to(x.dtype)
 
 
@@ -59,7 +70,10 @@ class CorrectedDenoiser(nn.Module):
         return int(getattr(self.denoiser, "num_classes", 0) or 0)
 
     def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
-        return self.denoiser(x, sigma, *args, **kwargs) + self.correction(x, sigma)
+        denoised = self.denoiser(x, sigma, *args, **kwargs)
+        if getattr(self.correction, "inputs", "state") == "denoised":
+            return denoised + self.correction(x, sigma, denoised)
+        return denoised + self.correction(x, sigma)
 
 
 def corrected(denoiser: Callable, correction: nn.Module | None) -> Callable:
@@ -84,6 +98,7 @@ def frozen_copy(correction: nn.Module) -> nn.Module:
 
 def save_correction(correction: Correction, path: str | Path) -> None:
     torch.save({"dims": correction.dims, "hidden": correction.hidden, "depth": correction.depth,
+                "inputs": correction.inputs,
                 "state_dict": {k: v.detach().cpu() for k, v in correction.state_dict().items()}}, str(path))
 
 
@@ -92,7 +107,7 @@ def load_correction(path: str | Path) -> Correction:
     if not Path(path).is_file():
         raise ValueError(f"correction {path}: no such file")
     state = torch.load(str(path), map_location="cpu", weights_only=True)
-    out = Correction(state["dims"], state["hidden"], state["depth"])
+    out = Correction(state["dims"], state["hidden"], state["depth"], state.get("inputs", "state"))
     out.load_state_dict(state["state_dict"])
     return frozen_copy(out)
 

@@ -236,6 +236,8 @@ class PathwiseTuner(Tuner):
             ``D + g`` at the same NFE. ``correction_hidden``, ``correction_depth``: its MLP; ``correction_lr``: its
             Adam step. ``correction_ema``: 0, a checkpoint takes the correction's current weights; in (0, 1), an
             exponential moving average of them with this decay (the schedule is averaged too: ``average``).
+            ``correction_inputs``: ``state``, ``g(x, sigma)``; ``denoised``, ``g(x, sigma, D(x, sigma))`` (the
+            denoiser's output as a third input, no extra evaluation).
     """
 
     name = "pathwise"
@@ -253,7 +255,7 @@ class PathwiseTuner(Tuner):
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
-                 correction_ema: float = 0.0, disc_holdout: bool = False, ot_mass: float = 1.0, ot_reals: int = 1,
+                 correction_ema: float = 0.0, correction_inputs: str = "state", disc_holdout: bool = False, ot_mass: float = 1.0, ot_reals: int = 1,
                  ot_partial: str = "both",
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
@@ -339,6 +341,9 @@ class PathwiseTuner(Tuner):
         if not (isinstance(correction_ema, (int, float)) and 0 <= correction_ema < 1):
             raise ValueError(f"tuner.correction_ema must be in [0, 1) (0: no average), got {correction_ema!r}")
         self.correction_ema = float(correction_ema)
+        if correction_inputs not in Correction.INPUTS:
+            raise ValueError(f"tuner.correction_inputs must be one of {Correction.INPUTS}, got {correction_inputs!r}")
+        self.correction_inputs = correction_inputs
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
@@ -358,7 +363,8 @@ class PathwiseTuner(Tuner):
                 "select_reference": self.select_reference, "disc_holdout": self.disc_holdout,
                 "correction": self.correction,
                 **({"correction_hidden": self.correction_hidden, "correction_depth": self.correction_depth,
-                    "correction_lr": self.correction_lr, "correction_ema": self.correction_ema}
+                    "correction_lr": self.correction_lr, "correction_ema": self.correction_ema,
+                    "correction_inputs": self.correction_inputs}
                    if self.correction else {})}
 
     def check(self, sampler, nfe):
@@ -454,7 +460,7 @@ class PathwiseTuner(Tuner):
                              f"{list(shape)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeding.derive_seed("tune", "pathwise", "correction", seed, start))
-            return Correction(shape[0], self.correction_hidden, self.correction_depth)
+            return Correction(shape[0], self.correction_hidden, self.correction_depth, self.correction_inputs)
 
     def admitted(self, checkpoints: list[tuple], per_seed: dict[int, list[float]]) -> list[bool]:
         """Which ``checkpoints`` (finite ones, ``(iteration, schedule, score, start)``) may be returned. The
