@@ -98,7 +98,8 @@ def test_a_correction_of_the_denoised_point_sees_the_denoisers_output(datamodule
         PathwiseTuner(correction_inputs="x")
 
 
-def test_a_correction_travels_with_its_schedule_file(datamodule, tmp_path):
+@pytest.mark.parametrize("inputs", ["state", "denoised"])
+def test_a_correction_travels_with_its_schedule_file(datamodule, tmp_path, inputs):
     D = AnalyticDenoiser(datamodule.law)
     g = _moved(Correction(2, hidden=8, depth=1))
     save_correction(g, tmp_path / "g.pt")
@@ -111,10 +112,12 @@ def test_a_correction_travels_with_its_schedule_file(datamodule, tmp_path):
     # a tuning with correction=true: the row samples with D + g, and so does its schedule.json read back by the
     # evaluator's schedule=sigmas (schedule.path=...) or by load_tuned_sampler
     tuner = PathwiseTuner(iterations=6, batch=32, disc_warmup=2, starts=None, select_every=3, select_samples=100,
-                          select_train=500, correction=True, correction_hidden=8, correction_lr=1e-2)
+                          select_train=500, correction=True, correction_hidden=8, correction_lr=1e-2,
+                          correction_inputs=inputs)
     rows = tune_rows({"pathwise": tuner}, {"euler": Euler()}, [6], D, datamodule, seed=0, out=tmp_path)
     row = rows[0]
     assert row.result.correction is not None and row.sampler.correction is row.result.correction
+    assert row.result.correction.inputs == inputs
     tuning = write_tuned(rows, tmp_path)
     record = json.loads(tuning.read_text())[0]
     assert record["correction_parameters"] == sum(p.numel() for p in row.result.correction.parameters())
