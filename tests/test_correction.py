@@ -91,6 +91,11 @@ def test_a_correction_of_the_denoised_point_sees_the_denoisers_output(datamodule
     save_correction(g, tmp_path / "g.pt")
     loaded = load_correction(tmp_path / "g.pt")
     assert loaded.inputs == "denoised" and torch.equal(loaded(x, sigma, d), g(x, sigma, d))
+    # a file written before corrections had inputs holds no "inputs" key: it is a state-only correction
+    old = _moved(Correction(2, hidden=8, depth=1))
+    torch.save({"dims": 2, "hidden": 8, "depth": 1, "state_dict": old.state_dict()}, tmp_path / "old.pt")
+    assert load_correction(tmp_path / "old.pt").inputs == "state"
+    assert torch.equal(load_correction(tmp_path / "old.pt")(x, sigma), old(x, sigma))
     tuner = PathwiseTuner(correction=True, correction_inputs="denoised")
     assert tuner.seeded_correction((2,), 0, 0).inputs == "denoised"
     assert tuner.settings()["correction_inputs"] == "denoised"
