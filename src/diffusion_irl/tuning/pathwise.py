@@ -255,8 +255,8 @@ class PathwiseTuner(Tuner):
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
-                 correction_ema: float = 0.0, correction_inputs: str = "state", disc_holdout: bool = False, ot_mass: float = 1.0, ot_reals: int = 1,
-                 ot_partial: str = "both",
+                 correction_ema: float = 0.0, correction_inputs: str = "state", disc_holdout: bool = False,
+                 ot_mass: float = 1.0, ot_reals: int = 1, ot_partial: str = "both",
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
