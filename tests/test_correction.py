@@ -170,3 +170,68 @@ def test_correction_settings_are_checked():
         PathwiseTuner(correction=True).seeded_correction((1, 8, 8), 0, 0)
     assert PathwiseTuner(correction=False).seeded_correction((2,), 0, 0) is None
     assert PathwiseTuner(correction=True).settings()["correction_lr"] == 1e-3
+
+
+def test_an_edm_scaled_correction_vanishes_with_sigma(tmp_path):
+    raw = _moved(Correction(2, hidden=8, depth=1))
+    scaled = Correction(2, hidden=8, depth=1, scaling="edm", sigma_data=2.0)
+    scaled.load_state_dict(raw.state_dict())
+    x = torch.randn(6, 2)
+    for sigma in (1e-4, 0.3, 5.0, 80.0):
+        c_out = sigma * 2.0 / (sigma**2 + 4.0) ** 0.5
+        assert torch.allclose(scaled(x, sigma), c_out * raw(x, sigma), rtol=1e-5, atol=1e-8)
+    assert scaled(x, 1e-4).abs().max() < 1e-3 * raw(x, 1e-4).abs().max()  # it cannot move the last steps
+    save_correction(scaled, tmp_path / "g.pt")
+    loaded = load_correction(tmp_path / "g.pt")
+    assert (loaded.scaling, loaded.sigma_data) == ("edm", 2.0) and torch.equal(loaded(x, 0.3), scaled(x, 0.3))
+    torch.save({"dims": 2, "hidden": 8, "depth": 1, "state_dict": raw.state_dict()}, tmp_path / "old.pt")
+    assert load_correction(tmp_path / "old.pt").scaling == "none"  # a file from before the key: raw output
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        Correction(2, scaling="vp")
+    with pytest.raises(ValueError, match="sigma_data must be > 0"):
+        Correction(2, scaling="edm", sigma_data=0.0)
+    tuner = PathwiseTuner(correction=True, correction_scaling="edm")
+    g = tuner.seeded_correction((2,), 0, 0, sigma_data=2.84)
+    assert (g.scaling, g.sigma_data) == ("edm", 2.84) and tuner.settings()["correction_scaling"] == "edm"
+    with pytest.raises(ValueError, match="tuner.correction_scaling must be one of"):
+        PathwiseTuner(correction_scaling="x")
+
+
+def test_a_warm_up_regresses_the_correction_toward_the_data(datamodule):
+    """The denoiser's own loss on D + g at the sampler's levels (``correction_warmup``) moves D + g toward the exact
+    denoiser of the data; its points are counted in the tuning's cost, once for all starts."""
+    exact = AnalyticDenoiser(datamodule.law)
+    D = Shrunk(exact)
+    levels = torch.tensor([2.0, 1.0, 0.5])
+    tuner = PathwiseTuner(correction=True, correction_inputs="denoised", correction_scaling="edm",
+                          correction_lr=1e-2, correction_warmup=150, correction_warmup_batch=256)
+    g = tuner.seeded_correction((2,), 0, 0, sigma_data=datamodule.sigma_data)
+    train = datamodule.train_samples().float()
+
+    def error(denoiser):
+        gen = torch.Generator().manual_seed(5)
+        out = 0.0
+        for s in levels.tolist():
+            x = train[:1000] + s * torch.randn(1000, 2, generator=gen)
+            with torch.no_grad():
+                out += float((denoiser(x, torch.full((1000,), s)) - exact(x, torch.full((1000,), s))).pow(2).mean())
+        return out
+
+    before = error(D)
+    losses = tuner.warm_correction(g, D, train, levels, datamodule.sigma_data, 0, "cpu")
+    assert len(losses) == 150 and sum(losses[-20:]) < sum(losses[:20])
+    after = error(CorrectedDenoiser(D, g))
+    assert after < 0.25 * before, (before, after)
+
+    kwargs = dict(iterations=2, batch=16, explore=1, starts=[20, 5], select_every=0, correction=True,
+                  loss="ot", correction_scaling="edm")
+    cold = PathwiseTuner(**kwargs).tune(Euler(), D, datamodule, 6, seed=0)
+    warm = PathwiseTuner(**kwargs, correction_warmup=3, correction_warmup_batch=40).tune(Euler(), D, datamodule, 6,
+                                                                                         seed=0)
+    assert warm.cost_nfe - cold.cost_nfe == 3 * 40  # one warm start shared by both starts
+    assert len(warm.details["correction_warmup_losses"]) == 3 and "correction_warmup_losses" not in cold.details
+    assert warm.settings["correction_warmup"] == 3 and warm.settings["correction_warmup_batch"] == 40
+    with pytest.raises(ValueError, match="set tuner.correction=true"):
+        PathwiseTuner(correction_warmup=10)
+    with pytest.raises(ValueError, match="tuner.correction_warmup must be"):
+        PathwiseTuner(correction=True, correction_warmup=-1)

@@ -25,17 +25,29 @@ class Correction(nn.Module):
     zero, so ``g = 0`` at initialisation. ``inputs="denoised"``: the denoiser's own output ``D(x, sigma)`` is a third
     input, ``g(x, sigma, D)`` (no extra evaluation: it is the value being corrected), so a correction that only
     depends on where ``D`` points, e.g. a pull of a blurred denoised point toward the data, is a simple function of
-    the inputs."""
+    the inputs.
+
+    ``scaling="edm"``: the network's output is multiplied by EDM's ``c_out(sigma) = sigma sigma_data /
+    sqrt(sigma^2 + sigma_data^2)``, the factor the denoiser's own network output carries, so the correction vanishes
+    with ``sigma`` (it cannot blur the last steps, where ``D`` is the sample) and the denoiser's loss weight
+    ``lambda = 1 / c_out^2`` gives every level the same scale (``none``: the raw output)."""
 
     INPUTS = ("state", "denoised")
+    SCALINGS = ("none", "edm")
 
-    def __init__(self, dims: int, hidden: int = 64, depth: int = 2, inputs: str = "state"):
+    def __init__(self, dims: int, hidden: int = 64, depth: int = 2, inputs: str = "state", scaling: str = "none",
+                 sigma_data: float = 1.0):
         super().__init__()
         if int(dims) < 1 or int(hidden) < 1 or int(depth) < 1:
             raise ValueError(f"a correction needs dims, hidden, depth >= 1, got {dims}, {hidden}, {depth}")
         if inputs not in self.INPUTS:
             raise ValueError(f"a correction's inputs must be one of {self.INPUTS}, got {inputs!r}")
+        if scaling not in self.SCALINGS:
+            raise ValueError(f"a correction's scaling must be one of {self.SCALINGS}, got {scaling!r}")
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(f"a correction's sigma_data must be > 0, got {sigma_data}")
         self.dims, self.hidden, self.depth, self.inputs = int(dims), int(hidden), int(depth), inputs
+        self.scaling, self.sigma_data = scaling, float(sigma_data)
         layers, width = [], self.dims * (2 if inputs == "denoised" else 1) + 1
         for _ in range(self.depth):
             layers += [nn.Linear(width, self.hidden), nn.SiLU()]
@@ -54,7 +66,10 @@ class Correction(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(len(x), 1)
         parts = [x / torch.sqrt(sigma**2 + 1)] + ([denoised] if denoised is not None else []) + [torch.log(sigma) / 4]
         h = torch.cat(parts, dim=1)
-        return self.net(h.to(self.net[-1].weight.dtype)).to(x.dtype)
+        out = self.net(h.to(self.net[-1].weight.dtype)).to(x.dtype)
+        if self.scaling == "edm":
+            out = out * (sigma * self.sigma_data / torch.sqrt(sigma**2 + self.sigma_data**2))
+        return out
 
 
 class CorrectedDenoiser(nn.Module):
@@ -98,7 +113,7 @@ def frozen_copy(correction: nn.Module) -> nn.Module:
 
 def save_correction(correction: Correction, path: str | Path) -> None:
     torch.save({"dims": correction.dims, "hidden": correction.hidden, "depth": correction.depth,
-                "inputs": correction.inputs,
+                "inputs": correction.inputs, "scaling": correction.scaling, "sigma_data": correction.sigma_data,
                 "state_dict": {k: v.detach().cpu() for k, v in correction.state_dict().items()}}, str(path))
 
 
@@ -107,7 +122,8 @@ def load_correction(path: str | Path) -> Correction:
     if not Path(path).is_file():
         raise ValueError(f"correction {path}: no such file")
     state = torch.load(str(path), map_location="cpu", weights_only=True)
-    out = Correction(state["dims"], state["hidden"], state["depth"], state.get("inputs", "state"))
+    out = Correction(state["dims"], state["hidden"], state["depth"], state.get("inputs", "state"),
+                     state.get("scaling", "none"), state.get("sigma_data", 1.0))
     out.load_state_dict(state["state_dict"])
     return frozen_copy(out)
 

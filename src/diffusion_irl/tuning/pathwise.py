@@ -255,7 +255,9 @@ class PathwiseTuner(Tuner):
                  select_samples: int = 1000, select_train: int = 2000, select_seeds: int = 1,
                  select_margin: float = 0.0, select_reference: str = "shared", correction: bool = False,
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
-                 correction_ema: float = 0.0, correction_inputs: str = "state", disc_holdout: bool = False,
+                 correction_ema: float = 0.0, correction_inputs: str = "state", correction_scaling: str = "none",
+                 correction_warmup: int = 0,
+                 correction_warmup_batch: int = 512, disc_holdout: bool = False,
                  ot_mass: float = 1.0, ot_reals: int = 1, ot_partial: str = "both",
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
@@ -344,6 +346,14 @@ class PathwiseTuner(Tuner):
         if correction_inputs not in Correction.INPUTS:
             raise ValueError(f"tuner.correction_inputs must be one of {Correction.INPUTS}, got {correction_inputs!r}")
         self.correction_inputs = correction_inputs
+        if correction_scaling not in Correction.SCALINGS:
+            raise ValueError(f"tuner.correction_scaling must be one of {Correction.SCALINGS}, got "
+                             f"{correction_scaling!r}")
+        self.correction_scaling = correction_scaling
+        self.correction_warmup = positive_int(correction_warmup, "tuner.correction_warmup", 0)
+        self.correction_warmup_batch = positive_int(correction_warmup_batch, "tuner.correction_warmup_batch")
+        if self.correction_warmup and not self.correction:
+            raise ValueError("tuner.correction_warmup > 0 warms up the correction: set tuner.correction=true")
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
@@ -364,7 +374,9 @@ class PathwiseTuner(Tuner):
                 "correction": self.correction,
                 **({"correction_hidden": self.correction_hidden, "correction_depth": self.correction_depth,
                     "correction_lr": self.correction_lr, "correction_ema": self.correction_ema,
-                    "correction_inputs": self.correction_inputs}
+                    "correction_inputs": self.correction_inputs, "correction_scaling": self.correction_scaling,
+                    "correction_warmup": self.correction_warmup,
+                    **({"correction_warmup_batch": self.correction_warmup_batch} if self.correction_warmup else {})}
                    if self.correction else {})}
 
     def check(self, sampler, nfe):
@@ -450,9 +462,9 @@ class PathwiseTuner(Tuner):
                         module.reset_parameters()
         return net
 
-    def seeded_correction(self, shape: tuple, seed: int, start: int) -> Correction | None:
+    def seeded_correction(self, shape: tuple, seed: int, start: int, sigma_data: float = 1.0) -> Correction | None:
         """A zero correction (``correction=true``) whose hidden layers are drawn from ``("tune", "pathwise",
-        "correction", seed, start)``, else None."""
+        "correction", seed, start)``, else None (``sigma_data``: the data's scale, for ``correction_scaling=edm``)."""
         if not self.correction:
             return None
         if len(shape) != 1:
@@ -460,7 +472,36 @@ class PathwiseTuner(Tuner):
                              f"{list(shape)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeding.derive_seed("tune", "pathwise", "correction", seed, start))
-            return Correction(shape[0], self.correction_hidden, self.correction_depth, self.correction_inputs)
+            return Correction(shape[0], self.correction_hidden, self.correction_depth, self.correction_inputs,
+                              self.correction_scaling, sigma_data)
+
+    def warm_correction(self, correction: Correction, D, train: Tensor, levels: Tensor, sigma_data: float, seed: int,
+                        device) -> list[float]:
+        """``correction_warmup`` Adam steps (``correction_lr``) of the denoiser's own loss on the corrected denoiser,
+        ``E lambda(sigma) ||D(x, sigma) + g(x, sigma) - y||^2`` with ``x = y + sigma n``, ``y`` a training point,
+        ``sigma`` drawn from ``levels`` (the noise levels the starts evaluate the denoiser at: ``g`` is only ever
+        called there) and EDM's weight ``lambda``: ``g`` starts as a regression of the denoiser's residual on data
+        (one denoiser evaluation per point, counted; no solver), which the pathwise gradient then goes on from.
+        Returns the loss per step."""
+        from diffusion_irl.denoisers.precond import edm_loss_weight
+
+        gen = seeding.generator("tune", "pathwise", "correction_warmup", seed)
+        opt = torch.optim.Adam(correction.parameters(), lr=self.correction_lr)
+        levels = levels.flatten().float()
+        batch, losses = self.correction_warmup_batch, []
+        for _ in range(self.correction_warmup):
+            y = train[torch.randint(len(train), (batch,), generator=gen).to(train.device)].float()
+            sigma = levels[torch.randint(len(levels), (batch, 1), generator=gen)].to(y)
+            x = y + sigma * torch.randn(y.shape, generator=gen).to(y)
+            with torch.no_grad():
+                denoised = D(x, sigma.flatten())
+            out = denoised + correction(x, sigma, *([denoised] if correction.inputs == "denoised" else []))
+            loss = (edm_loss_weight(sigma, sigma_data) * (out - y).pow(2)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return losses
 
     def admitted(self, checkpoints: list[tuple], per_seed: dict[int, list[float]]) -> list[bool]:
         """Which ``checkpoints`` (finite ones, ``(iteration, schedule, score, start)``) may be returned. The
@@ -507,12 +548,23 @@ class PathwiseTuner(Tuner):
         features = (self.feature_network(datamodule, train) if adversarial and self.discriminator == "features"
                     else None)
         gen = seeding.generator("tune", "pathwise", seed)
+        sigma_data = float(getattr(datamodule, "sigma_data", 0.5))
         firsts = self.starts or [None]
         runs = [_Run(self, sampler, D, train, shape, self.levels(sampler, steps, first),
                      self.seeded_network(datamodule, seed, i, num_classes, features) if adversarial else None,
                      gen, seed, device,
-                     train_labels, num_classes, self.seeded_correction(shape, seed, i))
+                     train_labels, num_classes, self.seeded_correction(shape, seed, i, sigma_data))
                 for i, first in enumerate(firsts)]
+        warmup: list[float] = []
+        if self.correction_warmup:  # one warm start of g, copied into every start (counted once)
+            if num_classes or int(getattr(D, "num_classes", 0) or 0):
+                raise ValueError("tuner.correction_warmup is for unconditional denoisers (the correction sees no label)")
+            levels = torch.cat([run.start[:-1] for run in runs])  # where the starts call the denoiser
+            warmup = self.warm_correction(runs[0].correction, D, train, levels, sigma_data, seed, device)
+            for run in runs[1:]:
+                run.correction.load_state_dict(runs[0].correction.state_dict())
+            log.info("pathwise %s: correction warmed up for %d steps, loss %.4g -> %.4g", sampler.name,
+                     len(warmup), warmup[0], warmup[-1])
         nets: dict[int, nn.Module | None] = {}  # id(schedule) -> the correction it goes with (a frozen copy)
 
         def result_of(run: _Run) -> Tensor:
@@ -599,6 +651,7 @@ class PathwiseTuner(Tuner):
         if self.correction:
             details["correction"] = nets[id(sigmas)]
         return sigmas, {**details, "initial_sigmas": [float(v) for v in run.start], "averaged_iterations": run.kept,
+                        **({"correction_warmup_losses": warmup} if warmup else {}),
                         "final_loss": run.history["loss"][-1], "final_disc_acc": run.history["disc_acc"][-1],
                         "grad_snr": run.grad_snr(),
                         "losses": run.history["loss"], "history": run.history}
