@@ -12,10 +12,10 @@ from torch import nn
 from diffusion_irl.data.datamodules import ToyDataModule
 from diffusion_irl.data.toy2d import gmm8
 from diffusion_irl.denoisers.analytic import AnalyticDenoiser
-from diffusion_irl.sampling.correction import (Correction, CorrectedDenoiser, load_correction, save_correction,
-                                               with_correction)
+from diffusion_irl.sampling.correction import (ConvCorrection, Correction, CorrectedDenoiser, correction_for,
+                                               load_correction, save_correction, with_correction)
 from diffusion_irl.sampling.noise import NoiseStream
-from diffusion_irl.sampling.samplers import DPMpp2M, Euler
+from diffusion_irl.sampling.samplers import DPMpp2M, Euler, with_labels
 from diffusion_irl.sampling.schedules import SigmaSchedule
 from diffusion_irl.tuning.baselines import tune_rows, write_tuned
 from diffusion_irl.tuning.grid import selection_scorer
@@ -166,8 +166,8 @@ def test_correction_settings_are_checked():
         PathwiseTuner(correction_lr=0.0)
     with pytest.raises(ValueError, match="tuner.correction_hidden must be"):
         PathwiseTuner(correction_hidden=0)
-    with pytest.raises(ValueError, match="is for vector data"):
-        PathwiseTuner(correction=True).seeded_correction((1, 8, 8), 0, 0)
+    with pytest.raises(ValueError, match=r"is for vectors \[D\] or images \[C, H, W\]"):
+        PathwiseTuner(correction=True).seeded_correction((8, 8), 0, 0)
     assert PathwiseTuner(correction=False).seeded_correction((2,), 0, 0) is None
     assert PathwiseTuner(correction=True).settings()["correction_lr"] == 1e-3
 
@@ -235,3 +235,97 @@ def test_a_warm_up_regresses_the_correction_toward_the_data(datamodule):
         PathwiseTuner(correction_warmup=10)
     with pytest.raises(ValueError, match="tuner.correction_warmup must be"):
         PathwiseTuner(correction=True, correction_warmup=-1)
+
+
+class _ConditionalBlur(nn.Module):
+    """A class-conditional image denoiser with a systematic error: the denoiser of a unit Gaussian, ``x / (1 +
+    sigma^2)``, plus a small class offset; it records the labels it is called with."""
+
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, sigma, labels=None):
+        assert labels is not None
+        self.calls.append(labels.clone())
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return x / (1 + s**2) + 0.01 * labels.to(x.dtype).reshape(-1, 1, 1, 1)
+
+
+def test_an_image_correction_is_convolutional_and_round_trips(tmp_path):
+    g = correction_for((3, 8, 8), hidden=8, depth=2, inputs="denoised", scaling="edm", sigma_data=0.5)
+    assert isinstance(g, ConvCorrection) and isinstance(correction_for((2,), 8, 1), Correction)
+    x, sigma = torch.randn(4, 3, 8, 8), torch.full((4,), 0.7)
+    D = _ConditionalBlur()
+    labels = torch.tensor([0, 1, 2, 3])
+    d = D(x, sigma, labels)
+    assert torch.equal(g(x, sigma, d), torch.zeros_like(x))  # zero at the start
+    _moved(g)
+    out = g(x, sigma, d)
+    assert out.shape == x.shape and out.abs().max() > 0
+    assert not torch.allclose(g(x, sigma, d), g(x, sigma, 0.5 * d))
+    assert g(x, 1e-4, d).abs().max() < 1e-2 * out.abs().max()  # EDM scaling: vanishes with sigma
+    # convolutional: a shifted image gives a shifted correction away from the borders (3 layers: 3 pixels)
+    wide = _moved(ConvCorrection((1, 16, 16), hidden=8, depth=2, inputs="state"))
+    xs = torch.randn(2, 1, 16, 16)
+    shifted, plain = wide(torch.roll(xs, 1, dims=3), 0.7), torch.roll(wide(xs, 0.7), 1, dims=3)
+    assert torch.allclose(shifted[..., 4:-4], plain[..., 4:-4], atol=1e-5)
+    assert not torch.allclose(shifted, wide(xs, 0.7))
+    save_correction(g, tmp_path / "g.pt")
+    loaded = load_correction(tmp_path / "g.pt")
+    assert isinstance(loaded, ConvCorrection) and loaded.shape == (3, 8, 8)
+    assert torch.equal(loaded(x, sigma, d), g(x, sigma, d))
+    with pytest.raises(ValueError, match=r"for \[B, 3, 8, 8\] images"):
+        g(torch.randn(2, 1, 8, 8), 0.5, torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="the denoised point is required"):
+        g(x, sigma)
+    with pytest.raises(ValueError, match="for images"):
+        ConvCorrection((8, 8))
+    with pytest.raises(ValueError, match="vectors"):
+        correction_for((2, 8), 8, 1)
+
+
+def test_an_image_warm_up_alone_corrects_a_class_conditional_denoiser(tmp_path):
+    """``iterations=0 correction_warmup=N`` on images: the tuned row is the start's schedule with a convolutional
+    ``g`` regressed on the denoiser's own loss, each training image denoised for its own class; the row samples
+    with ``D + g`` and its schedule file brings ``g`` along."""
+    from diffusion_irl.data.shapes import ShapesDataModule
+
+    dm = ShapesDataModule(n_train=400, n_heldout=200, resolution=8)
+    dm.setup()
+    D = _ConditionalBlur()
+    tuner = PathwiseTuner(iterations=0, starts=None, init="karras", init_sigma_max=5.0, init_sigma_min=0.05,
+                          select_every=0, correction=True, correction_hidden=16, correction_depth=2,
+                          correction_inputs="denoised", correction_scaling="edm", correction_lr=1e-2,
+                          correction_warmup=60, correction_warmup_batch=32)
+    result = tuner.tune(Euler(), D, dm, 6, seed=0)
+    g = result.correction
+    assert isinstance(g, ConvCorrection) and result.cost_nfe == 60 * 32  # the warm-up's points only
+    losses = result.details["correction_warmup_losses"]
+    assert len(losses) == 60 and sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+    # every warm-up call carried labels of the data set's classes
+    assert all(len(c) == 32 and int(c.min()) >= 0 and int(c.max()) < 4 for c in D.calls[:60])
+    train, levels = dm.train_samples(200).float(), [3.0, 1.0, 0.3]
+    labels = dm.train_labels(200).long()
+
+    def loss(denoiser):
+        gen, out = torch.Generator().manual_seed(3), 0.0
+        for s in levels:
+            x = train + s * torch.randn(train.shape, generator=gen)
+            with torch.no_grad():
+                out += float((denoiser(x, torch.full((len(x),), s), labels) - train).pow(2).mean())
+        return out
+
+    assert loss(CorrectedDenoiser(D, g)) < 0.8 * loss(D)
+    rows = tune_rows({"pathwise": tuner}, {"euler": Euler()}, [6], D, dm, seed=0, out=tmp_path)
+    write_tuned(rows, tmp_path)
+    path = tmp_path / "schedules" / "euler_pathwise_nfe6.json"
+    again = load_tuned_sampler(Euler(), path)
+    assert isinstance(again.schedule.correction, ConvCorrection)
+    labelled = with_labels(D, torch.arange(8) % 4)
+    assert torch.allclose(again.sample(labelled, (8, 1, 8, 8), 6, NoiseStream(seed=1)).x,
+                          rows[0].sampler.sample(labelled, (8, 1, 8, 8), 6, NoiseStream(seed=1)).x)
+    with pytest.raises(ValueError, match="tuner.iterations must be >= 1"):
+        PathwiseTuner(iterations=0)

@@ -1,7 +1,8 @@
 """A learned correction of the denoiser: ``D'(x, sigma) = D(x, sigma) + g(x, sigma)`` with a small network ``g`` whose
 last layer starts at zero (so ``D' = D`` before any training). The pathwise tuner trains ``g`` with the schedule
 (``tuner.correction=true``) by the gradient of its data-driven reward: a schedule alone cannot move the samples
-past the denoiser's own errors, a correction can.
+past the denoiser's own errors, a correction can. ``g`` is an MLP for vectors (:class:`Correction`) and a small CNN
+for images (:class:`ConvCorrection`); :func:`correction_for` picks by the samples' shape.
 
 A sampler carries its correction (``sampler.correction``; :func:`with_correction`): every ``sample`` call then runs
 on ``D'``, one call of ``g`` beside each denoiser evaluation, so the NFE count is unchanged (``g`` is small: its
@@ -38,14 +39,9 @@ class Correction(nn.Module):
     def __init__(self, dims: int, hidden: int = 64, depth: int = 2, inputs: str = "state", scaling: str = "none",
                  sigma_data: float = 1.0):
         super().__init__()
-        if int(dims) < 1 or int(hidden) < 1 or int(depth) < 1:
-            raise ValueError(f"a correction needs dims, hidden, depth >= 1, got {dims}, {hidden}, {depth}")
-        if inputs not in self.INPUTS:
-            raise ValueError(f"a correction's inputs must be one of {self.INPUTS}, got {inputs!r}")
-        if scaling not in self.SCALINGS:
-            raise ValueError(f"a correction's scaling must be one of {self.SCALINGS}, got {scaling!r}")
-        if not (math.isfinite(sigma_data) and sigma_data > 0):
-            raise ValueError(f"a correction's sigma_data must be > 0, got {sigma_data}")
+        if int(dims) < 1:
+            raise ValueError(f"a correction needs dims >= 1, got {dims}")
+        _check_settings(hidden, depth, inputs, scaling, sigma_data)
         self.dims, self.hidden, self.depth, self.inputs = int(dims), int(hidden), int(depth), inputs
         self.scaling, self.sigma_data = scaling, float(sigma_data)
         layers, width = [], self.dims * (2 if inputs == "denoised" else 1) + 1
@@ -66,10 +62,78 @@ class Correction(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(len(x), 1)
         parts = [x / torch.sqrt(sigma**2 + 1)] + ([denoised] if denoised is not None else []) + [torch.log(sigma) / 4]
         h = torch.cat(parts, dim=1)
-        out = self.net(h.to(self.net[-1].weight.dtype)).to(x.dtype)
-        if self.scaling == "edm":
-            out = out * (sigma * self.sigma_data / torch.sqrt(sigma**2 + self.sigma_data**2))
+        return _scaled(self.net(h.to(self.net[-1].weight.dtype)).to(x.dtype), sigma, self.scaling, self.sigma_data)
+
+
+def _scaled(out: Tensor, sigma: Tensor, scaling: str, sigma_data: float) -> Tensor:
+    """``out`` times EDM's ``c_out(sigma)`` (``scaling="edm"``; ``sigma`` broadcast over ``out``'s trailing dims)."""
+    if scaling != "edm":
         return out
+    return out * (sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2))
+
+
+def _check_settings(hidden: int, depth: int, inputs: str, scaling: str, sigma_data: float) -> None:
+    if int(hidden) < 1 or int(depth) < 1:
+        raise ValueError(f"a correction needs hidden, depth >= 1, got {hidden}, {depth}")
+    if inputs not in Correction.INPUTS:
+        raise ValueError(f"a correction's inputs must be one of {Correction.INPUTS}, got {inputs!r}")
+    if scaling not in Correction.SCALINGS:
+        raise ValueError(f"a correction's scaling must be one of {Correction.SCALINGS}, got {scaling!r}")
+    if not (math.isfinite(sigma_data) and sigma_data > 0):
+        raise ValueError(f"a correction's sigma_data must be > 0, got {sigma_data}")
+
+
+class ConvCorrection(nn.Module):
+    """``g(x, sigma[, D])`` for images ``[B, C, H, W]``: ``depth`` 3x3 convolutions of ``hidden`` channels (SiLU) on
+    ``x / sqrt(sigma^2 + sigma_data^2)`` (EDM's input scaling), the denoised image ``D(x, sigma) / sigma_data``
+    (``inputs="denoised"``) and a constant channel ``log(sigma) / 4``, then a 3x3 convolution to ``C`` channels that
+    starts at zero (so ``g = 0`` at initialisation); ``scaling`` as for :class:`Correction`. It has no labels: for a
+    class-conditional denoiser it sees the class through ``D``'s output (``inputs="denoised"``)."""
+
+    def __init__(self, shape, hidden: int = 32, depth: int = 2, inputs: str = "denoised", scaling: str = "edm",
+                 sigma_data: float = 0.5):
+        super().__init__()
+        shape = tuple(int(v) for v in shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"a convolutional correction is for images [C, H, W], got shape {list(shape)}")
+        _check_settings(hidden, depth, inputs, scaling, sigma_data)
+        self.shape, self.hidden, self.depth, self.inputs = shape, int(hidden), int(depth), inputs
+        self.scaling, self.sigma_data = scaling, float(sigma_data)
+        channels = shape[0]
+        layers, width = [], channels * (2 if inputs == "denoised" else 1) + 1
+        for _ in range(self.depth):
+            layers += [nn.Conv2d(width, self.hidden, 3, padding=1), nn.SiLU()]
+            width = self.hidden
+        last = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+
+    def forward(self, x: Tensor, sigma, denoised: Tensor | None = None) -> Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"this correction is for [B, {', '.join(map(str, self.shape))}] images, got "
+                             f"{list(x.shape)}")
+        if (denoised is not None) != (self.inputs == "denoised"):
+            raise ValueError(f"this correction's inputs are {self.inputs!r}: the denoised point is "
+                             f"{'required' if self.inputs == 'denoised' else 'not an input'}")
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+        parts = [x / torch.sqrt(sigma**2 + self.sigma_data**2)]
+        parts += [denoised / self.sigma_data] if denoised is not None else []
+        parts += [(torch.log(sigma) / 4).expand(len(x), 1, *x.shape[2:])]
+        out = self.net(torch.cat(parts, dim=1).to(self.net[-1].weight.dtype)).to(x.dtype)
+        return _scaled(out, sigma, self.scaling, self.sigma_data)
+
+
+def correction_for(shape, hidden: int, depth: int, inputs: str = "state", scaling: str = "none",
+                   sigma_data: float = 1.0) -> nn.Module:
+    """A zero correction for samples of ``shape``: :class:`Correction` (an MLP) for vectors ``[D]``,
+    :class:`ConvCorrection` for images ``[C, H, W]``."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) == 1:
+        return Correction(shape[0], hidden, depth, inputs, scaling, sigma_data)
+    if len(shape) == 3:
+        return ConvCorrection(shape, hidden, depth, inputs, scaling, sigma_data)
+    raise ValueError(f"a correction is for vectors [D] or images [C, H, W], got shape {list(shape)}")
 
 
 class CorrectedDenoiser(nn.Module):
@@ -111,19 +175,20 @@ def frozen_copy(correction: nn.Module) -> nn.Module:
     return out
 
 
-def save_correction(correction: Correction, path: str | Path) -> None:
-    torch.save({"dims": correction.dims, "hidden": correction.hidden, "depth": correction.depth,
+def save_correction(correction: Correction | ConvCorrection, path: str | Path) -> None:
+    size = ({"shape": list(correction.shape)} if isinstance(correction, ConvCorrection) else {"dims": correction.dims})
+    torch.save({**size, "hidden": correction.hidden, "depth": correction.depth,
                 "inputs": correction.inputs, "scaling": correction.scaling, "sigma_data": correction.sigma_data,
                 "state_dict": {k: v.detach().cpu() for k, v in correction.state_dict().items()}}, str(path))
 
 
-def load_correction(path: str | Path) -> Correction:
+def load_correction(path: str | Path) -> Correction | ConvCorrection:
     """A correction written by :func:`save_correction`."""
     if not Path(path).is_file():
         raise ValueError(f"correction {path}: no such file")
     state = torch.load(str(path), map_location="cpu", weights_only=True)
-    out = Correction(state["dims"], state["hidden"], state["depth"], state.get("inputs", "state"),
-                     state.get("scaling", "none"), state.get("sigma_data", 1.0))
+    out = correction_for(state["shape"] if "shape" in state else [state["dims"]], state["hidden"], state["depth"],
+                         state.get("inputs", "state"), state.get("scaling", "none"), state.get("sigma_data", 1.0))
     out.load_state_dict(state["state_dict"])
     return frozen_copy(out)
 
@@ -132,6 +197,6 @@ def correction_scale(correction: nn.Module | None) -> float:
     """The size of the last layer's weights (0 at initialisation): how far a correction has moved."""
     if correction is None:
         return 0.0
-    last = [m for m in correction.modules() if isinstance(m, nn.Linear)][-1]
+    last = [m for m in correction.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     with torch.no_grad():
         return float(math.sqrt(float(last.weight.pow(2).sum() + last.bias.pow(2).sum())))

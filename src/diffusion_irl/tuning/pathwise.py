@@ -58,10 +58,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from diffusion_irl import seeding
 from diffusion_irl.discriminator.module import discriminator_loss, forward_noise, paired_batch
 from diffusion_irl.rl.rewards import Reward
-from diffusion_irl.sampling.correction import Correction, corrected, correction_scale, frozen_copy, with_correction
+from diffusion_irl.sampling.correction import (Correction, corrected, correction_for, correction_scale, frozen_copy,
+                                               with_correction)
 from diffusion_irl.sampling.noise import NoiseStream
-from diffusion_irl.sampling.samplers import seed_conditioned, seed_labels
+from diffusion_irl.sampling.samplers import seed_conditioned, seed_labels, with_labels
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
+from diffusion_irl.tensors import append_dims
 from diffusion_irl.tuning.ld3 import check_differentiable, solve
 from diffusion_irl.tuning.grid import mean_scores, selection_scorer
 from diffusion_irl.tuning.tuners import Tuner, positive_int, sigma_range, with_schedule
@@ -293,7 +295,8 @@ class PathwiseTuner(Tuner):
         if not init_rho > 0:
             raise ValueError(f"tuner.init_rho must be > 0, got {init_rho}")
         self.init_rho = float(init_rho)
-        self.iterations = positive_int(iterations, "tuner.iterations")
+        # 0 iterations: the correction's warm-up alone (checked below)
+        self.iterations = positive_int(iterations, "tuner.iterations", 0)
         self.batch = positive_int(batch, "tuner.batch", 2)
         self.disc_steps = positive_int(disc_steps, "tuner.disc_steps")
         self.disc_warmup = positive_int(disc_warmup, "tuner.disc_warmup", 0)
@@ -354,6 +357,9 @@ class PathwiseTuner(Tuner):
         self.correction_warmup_batch = positive_int(correction_warmup_batch, "tuner.correction_warmup_batch")
         if self.correction_warmup and not self.correction:
             raise ValueError("tuner.correction_warmup > 0 warms up the correction: set tuner.correction=true")
+        if self.iterations == 0 and not self.correction_warmup:
+            raise ValueError("tuner.iterations must be >= 1 (0 only with tuner.correction_warmup > 0: the warm-up "
+                             "alone)")
         self.feature_cache = feature_cache
 
     def settings(self) -> dict:
@@ -467,22 +473,23 @@ class PathwiseTuner(Tuner):
         "correction", seed, start)``, else None (``sigma_data``: the data's scale, for ``correction_scaling=edm``)."""
         if not self.correction:
             return None
-        if len(shape) != 1:
-            raise ValueError(f"tuner.correction=true is for vector data; this data set's samples have shape "
-                             f"{list(shape)}")
+        if len(shape) not in (1, 3):
+            raise ValueError(f"tuner.correction=true is for vectors [D] or images [C, H, W]; this data set's samples "
+                             f"have shape {list(shape)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeding.derive_seed("tune", "pathwise", "correction", seed, start))
-            return Correction(shape[0], self.correction_hidden, self.correction_depth, self.correction_inputs,
-                              self.correction_scaling, sigma_data)
+            return correction_for(shape, self.correction_hidden, self.correction_depth, self.correction_inputs,
+                                  self.correction_scaling, sigma_data)
 
-    def warm_correction(self, correction: Correction, D, train: Tensor, levels: Tensor, sigma_data: float, seed: int,
-                        device) -> list[float]:
+    def warm_correction(self, correction: nn.Module, D, train: Tensor, levels: Tensor, sigma_data: float, seed: int,
+                        device, labels: Tensor | None = None) -> list[float]:
         """``correction_warmup`` Adam steps (``correction_lr``) of the denoiser's own loss on the corrected denoiser,
         ``E lambda(sigma) ||D(x, sigma) + g(x, sigma) - y||^2`` with ``x = y + sigma n``, ``y`` a training point,
         ``sigma`` drawn from ``levels`` (the noise levels the starts evaluate the denoiser at: ``g`` is only ever
         called there) and EDM's weight ``lambda``: ``g`` starts as a regression of the denoiser's residual on data
         (one denoiser evaluation per point, counted; no solver), which the pathwise gradient then goes on from.
-        Returns the loss per step."""
+        ``labels``: the training points' classes, for a class-conditional denoiser (each point is denoised for its
+        own class). Returns the loss per step."""
         from diffusion_irl.denoisers.precond import edm_loss_weight
 
         gen = seeding.generator("tune", "pathwise", "correction_warmup", seed)
@@ -490,13 +497,14 @@ class PathwiseTuner(Tuner):
         levels = levels.flatten().float()
         batch, losses = self.correction_warmup_batch, []
         for _ in range(self.correction_warmup):
-            y = train[torch.randint(len(train), (batch,), generator=gen).to(train.device)].float()
-            sigma = levels[torch.randint(len(levels), (batch, 1), generator=gen)].to(y)
-            x = y + sigma * torch.randn(y.shape, generator=gen).to(y)
+            index = torch.randint(len(train), (batch,), generator=gen).to(train.device)
+            y = train[index].float()
+            sigma = levels[torch.randint(len(levels), (batch,), generator=gen)].to(y)
+            x = y + append_dims(sigma, y.dim()) * torch.randn(y.shape, generator=gen).to(y)
             with torch.no_grad():
-                denoised = D(x, sigma.flatten())
+                denoised = with_labels(D, labels[index] if labels is not None else None)(x, sigma)
             out = denoised + correction(x, sigma, *([denoised] if correction.inputs == "denoised" else []))
-            loss = (edm_loss_weight(sigma, sigma_data) * (out - y).pow(2)).mean()
+            loss = (append_dims(edm_loss_weight(sigma, sigma_data), y.dim()) * (out - y).pow(2)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -557,10 +565,12 @@ class PathwiseTuner(Tuner):
                 for i, first in enumerate(firsts)]
         warmup: list[float] = []
         if self.correction_warmup:  # one warm start of g, copied into every start (counted once)
-            if num_classes or int(getattr(D, "num_classes", 0) or 0):
-                raise ValueError("tuner.correction_warmup is for unconditional denoisers (the correction sees no label)")
+            labels = None
+            if int(getattr(D, "num_classes", 0) or 0):  # each training point denoised for its own class
+                labels = train_labels if train_labels is not None else datamodule.train_labels(stop)[skip:].long()
             levels = torch.cat([run.start[:-1] for run in runs])  # where the starts call the denoiser
-            warmup = self.warm_correction(runs[0].correction, D, train, levels, sigma_data, seed, device)
+            warmup = self.warm_correction(runs[0].correction, D, train, levels, sigma_data, seed, device,
+                                          labels.to(device) if labels is not None else None)
             for run in runs[1:]:
                 run.correction.load_state_dict(runs[0].correction.state_dict())
             log.info("pathwise %s: correction warmed up for %d steps, loss %.4g -> %.4g", sampler.name,
@@ -652,7 +662,8 @@ class PathwiseTuner(Tuner):
             details["correction"] = nets[id(sigmas)]
         return sigmas, {**details, "initial_sigmas": [float(v) for v in run.start], "averaged_iterations": run.kept,
                         **({"correction_warmup_losses": warmup} if warmup else {}),
-                        "final_loss": run.history["loss"][-1], "final_disc_acc": run.history["disc_acc"][-1],
+                        "final_loss": run.history["loss"][-1] if run.history["loss"] else float("nan"),
+                        "final_disc_acc": run.history["disc_acc"][-1] if run.history["disc_acc"] else float("nan"),
                         "grad_snr": run.grad_snr(),
                         "losses": run.history["loss"], "history": run.history}
 
