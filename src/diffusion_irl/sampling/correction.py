@@ -90,8 +90,8 @@ class ConvCorrection(nn.Module):
     starts at zero (so ``g = 0`` at initialisation); ``scaling`` as for :class:`Correction`. It has no labels: for a
     class-conditional denoiser it sees the class through ``D``'s output (``inputs="denoised"``)."""
 
-    def __init__(self, shape, hidden: int = 32, depth: int = 2, inputs: str = "denoised", scaling: str = "edm",
-                 sigma_data: float = 0.5):
+    def __init__(self, shape, hidden: int = 32, depth: int = 2, inputs: str = "state", scaling: str = "none",
+                 sigma_data: float = 1.0):
         super().__init__()
         shape = tuple(int(v) for v in shape)
         if len(shape) != 3 or min(shape) < 1:

@@ -38,7 +38,9 @@ is not the evaluator's distance, and a run can drift past its best point).
 
 Cost: ``starts x (explore + 1) x batch x NFE + (iterations - explore) x batch x NFE`` forward denoiser evaluations
 for the samples, plus ``select_seeds x select_samples x NFE`` per training-split score (each start before and after
-exploring, each checkpoint); every call is counted by the :class:`~diffusion_irl.tuning.tuners.EvaluationCounter`.
+exploring, each checkpoint), plus ``correction_warmup x correction_warmup_batch`` for a correction's warm-up (one
+evaluation per training point, whatever the NFE); every call is counted by the
+:class:`~diffusion_irl.tuning.tuners.EvaluationCounter`.
 Like LD3's, the backward passes (about twice a forward pass each) are not counted separately.
 """
 from __future__ import annotations
@@ -233,13 +235,18 @@ class PathwiseTuner(Tuner):
             points. ``disjoint``: seed ``k`` against points ``[k select_train, (k + 1) select_train)``, so the
             per-seed scores are independent in the reference too and the margin's standard error includes the
             reference's noise (needs ``select_seeds x select_train`` training points).
-        correction: true (vectors): a correction ``g(x, sigma)`` of the denoiser (``sampling/correction.py``,
+        correction: true: a correction ``g(x, sigma)`` of the denoiser (``sampling/correction.py``,
             zero at the start) is trained with the schedule by the same gradient; the tuned row samples with
-            ``D + g`` at the same NFE. ``correction_hidden``, ``correction_depth``: its MLP; ``correction_lr``: its
+            ``D + g`` at the same NFE. ``correction_hidden``, ``correction_depth``: its width and depth; ``correction_lr``: its
             Adam step. ``correction_ema``: 0, a checkpoint takes the correction's current weights; in (0, 1), an
             exponential moving average of them with this decay (the schedule is averaged too: ``average``).
             ``correction_inputs``: ``state``, ``g(x, sigma)``; ``denoised``, ``g(x, sigma, D(x, sigma))`` (the
-            denoiser's output as a third input, no extra evaluation).
+            denoiser's output as a third input, no extra evaluation). ``g`` is an MLP for vectors and a small CNN
+            for images. ``correction_scaling``: ``none``, ``g``'s raw output; ``edm``, times EDM's ``c_out(sigma)``,
+            so ``g`` vanishes with ``sigma``. ``correction_warmup``: steps of the denoiser's own loss on ``D + g``
+            at the starts' levels before the first pathwise step (:meth:`warm_correction`;
+            ``correction_warmup_batch`` training points each, counted as evaluations); with ``iterations=0`` the
+            warm-up is all the tuning does, and the start that scores best with it is returned.
     """
 
     name = "pathwise"
@@ -468,7 +475,7 @@ class PathwiseTuner(Tuner):
                         module.reset_parameters()
         return net
 
-    def seeded_correction(self, shape: tuple, seed: int, start: int, sigma_data: float = 1.0) -> Correction | None:
+    def seeded_correction(self, shape: tuple, seed: int, start: int, sigma_data: float = 1.0) -> nn.Module | None:
         """A zero correction (``correction=true``) whose hidden layers are drawn from ``("tune", "pathwise",
         "correction", seed, start)``, else None (``sigma_data``: the data's scale, for ``correction_scaling=edm``)."""
         if not self.correction:
