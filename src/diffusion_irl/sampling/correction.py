@@ -56,9 +56,7 @@ class Correction(nn.Module):
     def forward(self, x: Tensor, sigma, denoised: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dims:
             raise ValueError(f"this correction is for [B, {self.dims}] states, got {list(x.shape)}")
-        if (denoised is not None) != (self.inputs == "denoised"):
-            raise ValueError(f"this correction's inputs are {self.inputs!r}: the denoised point is "
-                             f"{'required' if self.inputs == 'denoised' else 'not an input'}")
+        _check_denoised(self.inputs, denoised)
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(len(x), 1)
         parts = [x / torch.sqrt(sigma**2 + 1)] + ([denoised] if denoised is not None else []) + [torch.log(sigma) / 4]
         h = torch.cat(parts, dim=1)
@@ -70,6 +68,13 @@ def _scaled(out: Tensor, sigma: Tensor, scaling: str, sigma_data: float) -> Tens
     if scaling != "edm":
         return out
     return out * (sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2))
+
+
+def _check_denoised(inputs: str, denoised: Tensor | None) -> None:
+    """The denoised point is passed exactly when the correction's ``inputs`` are ``denoised``."""
+    if (denoised is not None) != (inputs == "denoised"):
+        raise ValueError(f"this correction's inputs are {inputs!r}: the denoised point is "
+                         f"{'required' if inputs == 'denoised' else 'not an input'}")
 
 
 def _check_settings(hidden: int, depth: int, inputs: str, scaling: str, sigma_data: float) -> None:
@@ -113,9 +118,7 @@ class ConvCorrection(nn.Module):
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"this correction is for [B, {', '.join(map(str, self.shape))}] images, got "
                              f"{list(x.shape)}")
-        if (denoised is not None) != (self.inputs == "denoised"):
-            raise ValueError(f"this correction's inputs are {self.inputs!r}: the denoised point is "
-                             f"{'required' if self.inputs == 'denoised' else 'not an input'}")
+        _check_denoised(self.inputs, denoised)
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
         parts = [x / torch.sqrt(sigma**2 + self.sigma_data**2)]
         parts += [denoised / self.sigma_data] if denoised is not None else []
@@ -149,10 +152,15 @@ class CorrectedDenoiser(nn.Module):
         return int(getattr(self.denoiser, "num_classes", 0) or 0)
 
     def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
-        denoised = self.denoiser(x, sigma, *args, **kwargs)
-        if getattr(self.correction, "inputs", "state") == "denoised":
-            return denoised + self.correction(x, sigma, denoised)
-        return denoised + self.correction(x, sigma)
+        return add_correction(self.correction, x, sigma, self.denoiser(x, sigma, *args, **kwargs))
+
+
+def add_correction(correction: nn.Module, x: Tensor, sigma, denoised: Tensor) -> Tensor:
+    """``denoised + g(x, sigma)``, or ``denoised + g(x, sigma, denoised)`` for a correction whose ``inputs`` are
+    ``denoised``: the corrected value of a denoiser output already computed."""
+    if getattr(correction, "inputs", "state") == "denoised":
+        return denoised + correction(x, sigma, denoised)
+    return denoised + correction(x, sigma)
 
 
 def corrected(denoiser: Callable, correction: nn.Module | None) -> Callable:

@@ -60,8 +60,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from diffusion_irl import seeding
 from diffusion_irl.discriminator.module import discriminator_loss, forward_noise, paired_batch
 from diffusion_irl.rl.rewards import Reward
-from diffusion_irl.sampling.correction import (Correction, corrected, correction_for, correction_scale, frozen_copy,
-                                               with_correction)
+from diffusion_irl.sampling.correction import (Correction, add_correction, corrected, correction_for, correction_scale,
+                                               frozen_copy, with_correction)
 from diffusion_irl.sampling.noise import NoiseStream
 from diffusion_irl.sampling.samplers import seed_conditioned, seed_labels, with_labels
 from diffusion_irl.sampling.schedules import SigmaSchedule, karras_sigmas
@@ -510,7 +510,7 @@ class PathwiseTuner(Tuner):
             x = y + append_dims(sigma, y.dim()) * torch.randn(y.shape, generator=gen).to(y)
             with torch.no_grad():
                 denoised = with_labels(D, labels[index] if labels is not None else None)(x, sigma)
-            out = denoised + correction(x, sigma, *([denoised] if correction.inputs == "denoised" else []))
+            out = add_correction(correction, x, sigma, denoised)
             loss = (append_dims(edm_loss_weight(sigma, sigma_data), y.dim()) * (out - y).pow(2)).mean()
             opt.zero_grad()
             loss.backward()
