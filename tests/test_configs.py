@@ -486,10 +486,13 @@ def test_baselines_and_tuners_configs(name, tmp_path):
         "reverse_kl", "kl", "chi2", "pr", "pr"]
     assert variants["pw_pr0_25"].reward.lam == 0.25 and variants["pathwise"].reward.divergence == "js"
     correction = compose_config("baselines", ["tuners=correction"], output_dir=tmp_path)
-    assert list(correction.baselines.tuners) == ["grid", "gits", "ld3", "pathwise", "pw_adv", "pw_ot", "pw_reg"]
-    adv, ot, reg = (build(correction, f"tuners.{name}") for name in ("pw_adv", "pw_ot", "pw_reg"))
+    assert list(correction.baselines.tuners) == ["grid", "gits", "ld3", "pathwise", "pw_adv", "pw_ot", "pw_reg",
+                                                 "pw_warm"]
+    adv, ot, reg, warm = (build(correction, f"tuners.{name}") for name in ("pw_adv", "pw_ot", "pw_reg", "pw_warm"))
     assert adv.correction and adv.loss == "adversarial" and ot.correction and ot.loss == "ot" and ot.ot_mass == 0.9
     assert reg.iterations == 0 and reg.correction_warmup == 2000 and reg.correction_scaling == "edm"
+    assert warm.loss == "ot" and warm.correction_warmup == 1900 and (warm.correction_warmup_lr, warm.correction_lr) == (
+        3e-3, 3e-4)
     train = compose_config("train", output_dir=tmp_path)
     assert list(train.compare.tuners) == ["grid", "gits", "ld3", "pathwise"]
     assert sorted(train.tuners) == ["gits", "grid", "ld3", "pathwise"]

@@ -4,6 +4,7 @@ no schedule can."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -235,6 +236,47 @@ def test_a_warm_up_regresses_the_correction_toward_the_data(datamodule):
         PathwiseTuner(correction_warmup=10)
     with pytest.raises(ValueError, match="tuner.correction_warmup must be"):
         PathwiseTuner(correction=True, correction_warmup=-1)
+
+
+def test_the_warm_up_has_its_own_step_and_may_decay_it(datamodule, monkeypatch):
+    """``correction_warmup_lr`` is the warm-up's Adam step (``correction_lr`` stays the pathwise steps');
+    ``correction_warmup_decay=cosine`` takes it from that value toward 0 over the warm-up."""
+    D = Shrunk(AnalyticDenoiser(datamodule.law))
+    train = datamodule.train_samples().float()
+    levels = torch.tensor([2.0, 1.0, 0.5])
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    for decay, expected in [("constant", [0.02] * 8),
+                            ("cosine", [0.02 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])]:
+        seen.clear()
+        tuner = PathwiseTuner(correction=True, correction_lr=1e-5, correction_warmup_lr=0.02,
+                              correction_warmup_decay=decay, correction_warmup=8, correction_warmup_batch=16)
+        g = tuner.seeded_correction((2,), 0, 0, sigma_data=datamodule.sigma_data)
+        tuner.warm_correction(g, D, train, levels, datamodule.sigma_data, 0, "cpu")
+        assert seen == pytest.approx(expected)
+        assert tuner.settings()["correction_warmup_lr"] == 0.02 and tuner.correction_lr == 1e-5
+    assert PathwiseTuner(correction=True, correction_lr=4e-3, correction_warmup=1).correction_warmup_lr == 4e-3
+    with pytest.raises(ValueError, match="correction_warmup_lr must be > 0"):
+        PathwiseTuner(correction=True, correction_warmup=1, correction_warmup_lr=0.0)
+    with pytest.raises(ValueError, match="correction_warmup_decay must be constant or cosine"):
+        PathwiseTuner(correction=True, correction_warmup=1, correction_warmup_decay="linear")
+
+
+def test_the_warm_up_alone_scores_each_start_once(datamodule):
+    """``iterations=0``: no step is taken, so each start is one checkpoint, scored once (its samples counted once)."""
+    D = Shrunk(AnalyticDenoiser(datamodule.law))
+    tuner = PathwiseTuner(iterations=0, starts=[20, 5], select_samples=50, select_train=200, correction=True,
+                          correction_scaling="edm", correction_warmup=2, correction_warmup_batch=10)
+    result = tuner.tune(Euler(), D, datamodule, 6, seed=0)
+    checkpoints = result.details["checkpoints"]
+    assert [c["iteration"] for c in checkpoints] == [0, 0] and [c["start"] for c in checkpoints] == [20, 5]
+    assert result.cost_nfe == 2 * 10 + 2 * 50 * 6
 
 
 class _ConditionalBlur(nn.Module):

@@ -245,8 +245,11 @@ class PathwiseTuner(Tuner):
             for images. ``correction_scaling``: ``none``, ``g``'s raw output; ``edm``, times EDM's ``c_out(sigma)``,
             so ``g`` vanishes with ``sigma``. ``correction_warmup``: steps of the denoiser's own loss on ``D + g``
             at the starts' levels before the first pathwise step (:meth:`warm_correction`;
-            ``correction_warmup_batch`` training points each, counted as evaluations); with ``iterations=0`` the
-            warm-up is all the tuning does, and the start that scores best with it is returned.
+            ``correction_warmup_batch`` training points each, counted as evaluations; ``correction_warmup_lr``, its
+            Adam step, null for ``correction_lr``, so the pathwise steps after it may be smaller;
+            ``correction_warmup_decay``: ``constant`` or ``cosine``, that step falling toward 0); with
+            ``iterations=0`` the warm-up is all the tuning does, and the start that scores best with it is returned
+            (each start scored once).
     """
 
     name = "pathwise"
@@ -266,7 +269,9 @@ class PathwiseTuner(Tuner):
                  correction_hidden: int = 64, correction_depth: int = 2, correction_lr: float = 1e-3,
                  correction_ema: float = 0.0, correction_inputs: str = "state", correction_scaling: str = "none",
                  correction_warmup: int = 0,
-                 correction_warmup_batch: int = 512, disc_holdout: bool = False,
+                 correction_warmup_batch: int = 512, correction_warmup_lr: float | None = None,
+                 correction_warmup_decay: str = "constant",
+                 disc_holdout: bool = False,
                  ot_mass: float = 1.0, ot_reals: int = 1, ot_partial: str = "both",
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
@@ -362,6 +367,17 @@ class PathwiseTuner(Tuner):
         self.correction_scaling = correction_scaling
         self.correction_warmup = positive_int(correction_warmup, "tuner.correction_warmup", 0)
         self.correction_warmup_batch = positive_int(correction_warmup_batch, "tuner.correction_warmup_batch")
+        if correction_warmup_lr is not None and not (isinstance(correction_warmup_lr, (int, float))
+                                                     and math.isfinite(correction_warmup_lr)
+                                                     and correction_warmup_lr > 0):
+            raise ValueError(f"tuner.correction_warmup_lr must be > 0 or null (null: correction_lr), got "
+                             f"{correction_warmup_lr!r}")
+        self.correction_warmup_lr = float(correction_warmup_lr if correction_warmup_lr is not None
+                                          else correction_lr)
+        if correction_warmup_decay not in ("constant", "cosine"):
+            raise ValueError(f"tuner.correction_warmup_decay must be constant or cosine, got "
+                             f"{correction_warmup_decay!r}")
+        self.correction_warmup_decay = correction_warmup_decay
         if self.correction_warmup and not self.correction:
             raise ValueError("tuner.correction_warmup > 0 warms up the correction: set tuner.correction=true")
         if self.iterations == 0 and not self.correction_warmup:
@@ -389,7 +405,9 @@ class PathwiseTuner(Tuner):
                     "correction_lr": self.correction_lr, "correction_ema": self.correction_ema,
                     "correction_inputs": self.correction_inputs, "correction_scaling": self.correction_scaling,
                     "correction_warmup": self.correction_warmup,
-                    **({"correction_warmup_batch": self.correction_warmup_batch} if self.correction_warmup else {})}
+                    **({"correction_warmup_batch": self.correction_warmup_batch,
+                        "correction_warmup_lr": self.correction_warmup_lr,
+                        "correction_warmup_decay": self.correction_warmup_decay} if self.correction_warmup else {})}
                    if self.correction else {})}
 
     def check(self, sampler, nfe):
@@ -490,7 +508,8 @@ class PathwiseTuner(Tuner):
 
     def warm_correction(self, correction: nn.Module, D, train: Tensor, levels: Tensor, sigma_data: float, seed: int,
                         device, labels: Tensor | None = None) -> list[float]:
-        """``correction_warmup`` Adam steps (``correction_lr``) of the denoiser's own loss on the corrected denoiser,
+        """``correction_warmup`` Adam steps (``correction_warmup_lr``, ``correction_warmup_decay``) of the denoiser's
+        own loss on the corrected denoiser,
         ``E lambda(sigma) ||D(x, sigma) + g(x, sigma) - y||^2`` with ``x = y + sigma n``, ``y`` a training point,
         ``sigma`` drawn from ``levels`` (the noise levels the starts evaluate the denoiser at: ``g`` is only ever
         called there) and EDM's weight ``lambda``: ``g`` starts as a regression of the denoiser's residual on data
@@ -500,10 +519,13 @@ class PathwiseTuner(Tuner):
         from diffusion_irl.denoisers.precond import edm_loss_weight
 
         gen = seeding.generator("tune", "pathwise", "correction_warmup", seed)
-        opt = torch.optim.Adam(correction.parameters(), lr=self.correction_lr)
+        opt = torch.optim.Adam(correction.parameters(), lr=self.correction_warmup_lr)
         levels = levels.flatten().float()
-        batch, losses = self.correction_warmup_batch, []
-        for _ in range(self.correction_warmup):
+        batch, losses, steps = self.correction_warmup_batch, [], self.correction_warmup
+        for step in range(steps):
+            if self.correction_warmup_decay == "cosine":  # from correction_warmup_lr toward 0
+                for group in opt.param_groups:
+                    group["lr"] = self.correction_warmup_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             index = torch.randint(len(train), (batch,), generator=gen).to(train.device)
             y = train[index].float()
             sigma = levels[torch.randint(len(levels), (batch,), generator=gen)].to(y)
@@ -625,11 +647,15 @@ class PathwiseTuner(Tuner):
         if len(runs) > 1:
             if self.select_every:  # every start is a candidate too: the result is never worse than the best start
                 starts = [result_of(run) for run in runs]
-                checkpoints += [(0, start, value, first) for start, value, first in zip(starts, scores(starts), firsts)]
-            for run in runs:
-                run.train(explore)
-            results = [result_of(run) for run in runs]
-            values = scores(results)
+                start_values = scores(starts)
+                checkpoints += [(0, start, value, first) for start, value, first in zip(starts, start_values, firsts)]
+            if explore == 0 and self.select_every:  # no step taken: the starts' scores are the choice (not twice)
+                results, values = starts, start_values
+            else:
+                for run in runs:
+                    run.train(explore)
+                results = [result_of(run) for run in runs]
+                values = scores(results)
             finite = [i for i, v in enumerate(values) if math.isfinite(v)]
             if not finite:
                 raise RuntimeError("tuner=pathwise: every start's samples scored NaN / inf")
@@ -638,7 +664,8 @@ class PathwiseTuner(Tuner):
                                  for first, v, r in zip(firsts, values, results)]
             details["selected_start"] = firsts[best]
             runs = [runs[best]]
-            checkpoints.append((explore, results[best], values[best], firsts[best]))
+            if not (explore == 0 and self.select_every):
+                checkpoints.append((explore, results[best], values[best], firsts[best]))
         elif self.select_every:
             start = result_of(runs[0])  # a single start (a warm start from a tuned schedule) is a checkpoint too
             checkpoints.append((0, start, scores([start])[0], firsts[0]))
