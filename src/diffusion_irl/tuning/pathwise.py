@@ -645,11 +645,12 @@ class PathwiseTuner(Tuner):
         details: dict = {"select_metric": metric}
         checkpoints: list[tuple[int, Tensor, float, object]] = []  # (iteration, schedule, training score, start)
         if len(runs) > 1:
+            unmoved = explore == 0 and bool(self.select_every)  # the starts, scored as checkpoints, are the choice
             if self.select_every:  # every start is a candidate too: the result is never worse than the best start
                 starts = [result_of(run) for run in runs]
                 start_values = scores(starts)
                 checkpoints += [(0, start, value, first) for start, value, first in zip(starts, start_values, firsts)]
-            if explore == 0 and self.select_every:  # no step taken: the starts' scores are the choice (not twice)
+            if unmoved:  # no step taken: not scored twice
                 results, values = starts, start_values
             else:
                 for run in runs:
@@ -664,7 +665,7 @@ class PathwiseTuner(Tuner):
                                  for first, v, r in zip(firsts, values, results)]
             details["selected_start"] = firsts[best]
             runs = [runs[best]]
-            if not (explore == 0 and self.select_every):
+            if not unmoved:
                 checkpoints.append((explore, results[best], values[best], firsts[best]))
         elif self.select_every:
             start = result_of(runs[0])  # a single start (a warm start from a tuned schedule) is a checkpoint too
