@@ -20,6 +20,12 @@ multi-modal law carries part of its mass across modes only because its mode coun
 per coordinate); ``ot_mass < 1`` transports only that fraction of the mass (``ot.partial``), which leaves the
 costliest pairs out (the floor drops to 0.007 at 0.9).
 
+The minibatch plan is biased: between two independent batches of one law it still pulls every sample toward the
+real point it is matched with, a pull that does not vanish where the sampler is already right. ``loss=mmd``
+(:func:`kernel_mmd_loss`) is the unbiased estimate of the squared MMD between the batch and fresh training points,
+with a multi-scale Gaussian kernel (``mmd_bandwidths``): its expected gradient is zero where the sampler's law is the
+data's, so its steps shrink with the error that is left.
+
 **What is learned** (``parametrization``):
 
 - ``free``: ``log s_0`` (the first noise level: the initial noise is ``s_0 eps``, so the first level is a knob) and
@@ -72,7 +78,7 @@ from diffusion_irl.tuning.tuners import Tuner, positive_int, sigma_range, with_s
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("adversarial", "ot")
+LOSSES = ("adversarial", "ot", "mmd")
 PARAMETRIZATIONS = ("free", "karras")
 OPTIMIZERS = ("adam", "sgd")
 SELECT_REFERENCES = ("shared", "disjoint")
@@ -184,6 +190,30 @@ def transport_loss(fake: Tensor, real: Tensor, labels: Tensor | None = None, mas
     return (torch.as_tensor(plan, device=cost.device) * cost).sum() / (mass * x.shape[1])
 
 
+def kernel_mmd_loss(fake: Tensor, real: Tensor, bandwidths: Sequence[float]) -> Tensor:
+    """The unbiased squared MMD (the U-statistic, Gretton et al. 2012) between two batches with the kernel
+    ``k(a, b) = sum_h exp(-||a - b||^2 / (2 h^2))`` over the ``bandwidths`` ``h``, differentiable in ``fake``:
+    ``mean_{i != j} k(x_i, x_j) + mean_{i != j} k(y_i, y_j) - 2 mean_{i, j} k(x_i, y_j)``. Its expectation is the
+    population MMD^2, and so is its gradient's: zero when both batches come from one law (a minibatch transport
+    plan's is not)."""
+    if fake.shape[1:] != real.shape[1:] or len(fake) < 2 or len(real) < 2:
+        raise ValueError(f"kernel_mmd_loss needs two batches of one shape, 2 rows or more each, got "
+                         f"{list(fake.shape)} and {list(real.shape)}")
+    if not bandwidths or any(not (math.isfinite(h) and h > 0) for h in bandwidths):
+        raise ValueError(f"kernel_mmd_loss: bandwidths must be finite and > 0, got {list(bandwidths)}")
+    x, y = fake.flatten(1).double(), real.flatten(1).to(fake.device).double()
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        sq = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T).clamp_min(0)
+        return sum(torch.exp(-sq / (2 * float(h) ** 2)) for h in bandwidths)
+
+    def off_diagonal_mean(k: Tensor) -> Tensor:
+        n = len(k)
+        return k.masked_fill(torch.eye(n, dtype=torch.bool, device=k.device), 0).sum() / (n * (n - 1))
+
+    return off_diagonal_mean(kernel(x, x)) + off_diagonal_mean(kernel(y, y)) - 2 * kernel(x, y).mean()
+
+
 class PathwiseTuner(Tuner):
     """The schedule learned by the pathwise gradient of an f-divergence reward (see the module doc).
 
@@ -199,7 +229,10 @@ class PathwiseTuner(Tuner):
             ``ot_mass``: the fraction of the mass transported (``< 1``: the partial plan; ``ot_partial``: ``both``
             batches may leave mass out, or only the ``real`` one, so every sample is pulled). ``ot_reals``: training
             points per sample in the real batch (``> 1``: each sample is pulled toward the barycentre of the several
-            points it is matched with, a lower-variance target that costs no denoiser evaluation).
+            points it is matched with, a lower-variance target that costs no denoiser evaluation). ``mmd``: no
+            discriminator; the unbiased squared MMD between the batch and ``ot_reals`` x as many fresh training points
+            (:func:`kernel_mmd_loss`, bandwidths ``mmd_bandwidths``), an estimate whose gradient is unbiased (zero in
+            expectation once the sampler's law is the data's), which the minibatch plan's is not.
         conditional: a label-conditional discriminator for a class-conditional denoiser: each sample is compared
             with training points of its own class (``seed mod num_classes``, the class it was sampled for), so the
             reward is the per-class log-ratio (``loss=ot``: each sample is matched only with training points of its
@@ -273,6 +306,7 @@ class PathwiseTuner(Tuner):
                  correction_warmup_decay: str = "constant",
                  disc_holdout: bool = False,
                  ot_mass: float = 1.0, ot_reals: int = 1, ot_partial: str = "both",
+                 mmd_bandwidths: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
                  feature_cache: str | None = None):
         if not (isinstance(discriminator, nn.Module) or discriminator in ("auto", "features")):
             raise ValueError("tuner.discriminator must be auto, features or build an nn.Module (a _target_ network), "
@@ -289,9 +323,17 @@ class PathwiseTuner(Tuner):
             raise ValueError(f"tuner.ot_partial must be one of {PARTIALS}, got {ot_partial!r}")
         self.ot_partial = ot_partial
         self.ot_reals = positive_int(ot_reals, "tuner.ot_reals")
+        bandwidths = [mmd_bandwidths] if isinstance(mmd_bandwidths, (int, float)) else list(mmd_bandwidths or [])
+        if not bandwidths or any(isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h)
+                                 or h <= 0 for h in bandwidths):
+            raise ValueError(f"tuner.mmd_bandwidths must be a non-empty list of numbers > 0, got {mmd_bandwidths!r}")
+        self.mmd_bandwidths = [float(h) for h in bandwidths]
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"tuner.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.discriminator, self.conditional, self.optimizer = discriminator, conditional, optimizer
+        if loss == "mmd" and conditional:
+            raise ValueError("tuner.loss=mmd compares the batch with the label-marginal: it has no conditional form "
+                             "(use loss=ot or adversarial with tuner.conditional=true)")
         self.reward = Reward(divergence, logit_clip, lam, temperature, weighting="terminal")
         if divergence == "pr" and temperature <= 0:
             raise ValueError("tuner.divergence=pr: the PR reward is a step in the logit, whose gradient is 0; set "
@@ -387,7 +429,8 @@ class PathwiseTuner(Tuner):
 
     def settings(self) -> dict:
         ot_keys = ({"ot_mass": self.ot_mass, "ot_reals": self.ot_reals, "ot_partial": self.ot_partial}
-                   if self.loss == "ot" else {})
+                   if self.loss == "ot" else
+                   {"ot_reals": self.ot_reals, "mmd_bandwidths": self.mmd_bandwidths} if self.loss == "mmd" else {})
         return {"loss": self.loss, **ot_keys,
                 "divergence": self.reward.divergence, "logit_clip": self.reward.logit_clip,
                 "discriminator": self.discriminator if isinstance(self.discriminator, str) else
@@ -800,13 +843,16 @@ class _Run:
                 loss = generator_loss(self.disc, forward_noise(x, sigma, self.gen), sigma, tuner.reward, labels)
                 for p in self.disc_params:
                     p.requires_grad_(True)
-            else:  # ot: the batch against as many fresh training points (of the same classes), no discriminator
+            else:  # ot, mmd: the batch against fresh training points (of the same classes), no discriminator
                 k = tuner.ot_reals  # ot_reals training points per sample (free: no denoiser evaluations)
                 zero = torch.zeros(k * len(x), device=x.device)
                 real_labels = labels.repeat(k) if labels is not None else None
                 real = paired_batch(self.train_data, x.detach().repeat(k, *[1] * (x.dim() - 1)), zero, zero, self.gen,
                                     *((self.train_labels, real_labels) if labels is not None else ())).real
-                loss = transport_loss(x, real, labels, tuner.ot_mass, real_labels, tuner.ot_partial).to(x.dtype)
+                if tuner.loss == "mmd":
+                    loss = kernel_mmd_loss(x, real, tuner.mmd_bandwidths).to(x.dtype)
+                else:
+                    loss = transport_loss(x, real, labels, tuner.ot_mass, real_labels, tuner.ot_partial).to(x.dtype)
                 diag = {"disc/acc": nan, "disc/logit_fake": nan, "disc/logit_real": nan}
             self.opt.zero_grad()
             if self.corr_opt is not None:
