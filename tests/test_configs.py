@@ -487,12 +487,14 @@ def test_baselines_and_tuners_configs(name, tmp_path):
     assert variants["pw_pr0_25"].reward.lam == 0.25 and variants["pathwise"].reward.divergence == "js"
     correction = compose_config("baselines", ["tuners=correction"], output_dir=tmp_path)
     assert list(correction.baselines.tuners) == ["grid", "gits", "ld3", "pathwise", "pw_adv", "pw_ot", "pw_reg",
-                                                 "pw_warm"]
-    adv, ot, reg, warm = (build(correction, f"tuners.{name}") for name in ("pw_adv", "pw_ot", "pw_reg", "pw_warm"))
+                                                 "pw_warm", "pw_mmd"]
+    adv, ot, reg, warm, kernel = (build(correction, f"tuners.{name}")
+                                  for name in ("pw_adv", "pw_ot", "pw_reg", "pw_warm", "pw_mmd"))
     assert adv.correction and adv.loss == "adversarial" and ot.correction and ot.loss == "ot" and ot.ot_mass == 0.9
     assert reg.iterations == 0 and reg.correction_warmup == 2000 and reg.correction_scaling == "edm"
     assert warm.loss == "ot" and warm.correction_warmup == 1900 and (warm.correction_warmup_lr, warm.correction_lr) == (
         3e-3, 3e-4)
+    assert kernel.loss == "mmd" and kernel.mmd_bandwidths == [0.2, 0.6, 2.0] and kernel.select_samples == 5000
     train = compose_config("train", output_dir=tmp_path)
     assert list(train.compare.tuners) == ["grid", "gits", "ld3", "pathwise"]
     assert sorted(train.tuners) == ["gits", "grid", "ld3", "pathwise"]
