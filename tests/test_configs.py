@@ -468,7 +468,7 @@ def test_tuner_configs(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", cover("baselines.yaml", "tuners/all.yaml", "tuners/divergences.yaml",
-                                       "tuners/correction.yaml"))
+                                       "tuners/correction.yaml", "tuners/kernel.yaml"))
 def test_baselines_and_tuners_configs(name, tmp_path):
     """baselines.yaml composes the shared tuner list (tuners/all.yaml); train.yaml's comparison names it too."""
     from diffusion_irl.tuning.tuners import Tuner
@@ -495,6 +495,11 @@ def test_baselines_and_tuners_configs(name, tmp_path):
     assert warm.loss == "ot" and warm.correction_warmup == 1900 and (warm.correction_warmup_lr, warm.correction_lr) == (
         3e-3, 3e-4)
     assert kernel.loss == "mmd" and kernel.mmd_bandwidths == [0.2, 0.6, 2.0] and kernel.select_samples == 5000
+    assert kernel.correction and kernel.select_train == 10000
+    schedule_only = compose_config("baselines", ["tuners=kernel"], output_dir=tmp_path)
+    assert list(schedule_only.baselines.tuners) == ["grid", "gits", "ld3", "pathwise", "mmd"]
+    mmd = build(schedule_only, "tuners.mmd")
+    assert mmd.loss == "mmd" and not mmd.correction and (mmd.select_samples, mmd.select_train) == (5000, 10000)
     train = compose_config("train", output_dir=tmp_path)
     assert list(train.compare.tuners) == ["grid", "gits", "ld3", "pathwise"]
     assert sorted(train.tuners) == ["gits", "grid", "ld3", "pathwise"]
